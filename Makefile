@@ -1,0 +1,53 @@
+# mpilm: `make train` and `make test` are all a fresh machine needs (they create .venv first).
+# Overridable: PYTHON, VENV, TORCH (pin; unpinned torch pulls a multi-GB CUDA build), MPICH
+# (set MPICH= to use a system MPI: mpi4py is then built against the mpicc on PATH), NP, ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+MPICH ?= mpich
+NP ?= 2
+ARGS ?=
+TIMEOUT ?= 900
+BIN := $(VENV)/bin
+MPIRUN := timeout --signal=TERM --kill-after=10 $(TIMEOUT) $(BIN)/mpirun
+# ranks the distributed tests run at; the collectives also run at 1, 4 and 5
+TEST_NPS ?= 2 3
+COLLECTIVE_NPS ?= 1 4 5
+
+.PHONY: install train test test-serial test-mpi bench kernels clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(if $(MPICH),$(BIN)/pip install -q $(MPICH),env MPICC=mpicc $(BIN)/pip install -q --no-binary mpi4py mpi4py)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+train: install
+	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.train $(ARGS)
+
+test: install test-serial test-mpi
+
+test-serial: install
+	timeout $(TIMEOUT) $(BIN)/python -m pytest -q tests
+
+test-mpi: install
+	set -e; for n in $(TEST_NPS); do \
+	  echo "== distributed tests at -np $$n"; \
+	  $(MPIRUN) -np $$n $(BIN)/python -m pytest -q --with-mpi -m mpi tests; \
+	done
+	set -e; for n in $(COLLECTIVE_NPS); do \
+	  echo "== collective tests at -np $$n"; \
+	  $(MPIRUN) -np $$n $(BIN)/python -m pytest -q --with-mpi -m "mpi and collectives" tests; \
+	done
+
+bench: install
+	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

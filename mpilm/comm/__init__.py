@@ -1,0 +1,7 @@
+"""mpilm's communication layer: MPI start-up (``world``), collectives, compression, grad sync.
+
+``mpilm.comm.allreduce`` / ``reduce_scatter`` / ``allgather`` are re-exported from
+``collectives``. Nothing under ``comm/`` imports the models.
+"""
+
+from mpilm.comm.collectives import allgather, allreduce, reduce_scatter  # noqa: F401

@@ -1,0 +1,68 @@
+"""Shared test set-up.
+
+Under ``mpirun ... pytest --with-mpi`` a test failing on one rank would leave its peers blocked
+in the next collective until CI times out. The hook below prints the failure with its rank and
+aborts the whole MPI job at once, so a run fails fast and says where. Ranks other than 0 are
+quiet otherwise, so the log shows one copy of pytest's report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _under_mpi(config) -> bool:
+    return bool(config.getoption("--with-mpi", default=False))
+
+
+def pytest_configure(config):
+    if _under_mpi(config):
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() != 0:
+            config.option.verbose = -2
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                config.pluginmanager.unregister(reporter)
+
+
+def pytest_runtest_logreport(report):
+    if not report.failed:
+        return
+    from mpi4py import MPI  # already initialised under --with-mpi; cheap otherwise
+
+    if not MPI.Is_initialized() or MPI.COMM_WORLD.Get_size() == 1:
+        return
+    r = MPI.COMM_WORLD.Get_rank()
+    text = f"[rank {r}] FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n"
+    sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in text.splitlines()))
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def run_cli(args: list[str], np: int = 1, timeout: float = 240, env: dict | None = None, cwd=None):
+    """Run ``mpirun -np N python <args>`` in a fresh process group, bounded by ``timeout``.
+
+    Returns the CompletedProcess (text mode). Used by tests that check the real command line.
+    """
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA"))}
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONPATH", str(ROOT))
+    cmd = [str(BIN / "mpirun"), "-np", str(np), str(BIN / "python"), *args]
+    return subprocess.run(
+        ["timeout", "--kill-after=5", str(timeout), *cmd],
+        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
