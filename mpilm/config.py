@@ -1,0 +1,209 @@
+"""Every training option in one ``TrainConfig`` dataclass: its default, its help text, its check.
+
+The command line (``argparse``) and the ``--config FILE.toml`` file are both generated from the
+dataclass fields, so an option exists in exactly one place. Precedence: defaults < config file <
+command line. ``parse(argv)`` returns a checked config or raises ``UsageError`` (the same on
+every rank, since it only looks at argv and the file).
+
+What it does not: no I/O beyond reading the TOML file; the choice lists of algorithms and
+compressors are spelled out here (this module imports nothing of mpilm's); a test checks they
+match what ``mpilm.comm`` implements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpilm.errors import UsageError
+
+ALLREDUCE_ALGORITHMS = ("auto", "ring", "rhd", "tree", "shm", "hier", "mpi")
+MODELS = ("gpt", "lstm")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "sgd")
+DATA_IO = ("scatter", "mpiio")
+
+
+def opt(default: Any, help: str, *, choices=None, check=None, cli: str | None = None):
+    """A config field: default, ``--help`` text, optional choices and a check (value -> error or None)."""
+    meta = {"help": help, "choices": choices, "check": check, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def fraction(v):
+    return None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = opt(None, "text file or directory of text files (default: the Python standard library's .py files)")
+    cache_dir: str = opt("~/.cache/mpilm", "where the token cache lives (one file per corpus, keyed by its file list, sizes and mtimes)")
+    val_fraction: float = opt(0.01, "last fraction of the tokens kept for validation", check=fraction)
+    data_io: str = opt("scatter", "how ranks get their block: scatter (rank 0 sends with Scatterv) or mpiio (each rank reads its range)", choices=DATA_IO)
+    # model
+    model: str = opt("gpt", "model family", choices=MODELS)
+    n_layer: int = opt(4, "transformer blocks (gpt) or LSTM layers (lstm)", check=positive)
+    n_head: int = opt(4, "attention heads (gpt)", check=positive)
+    n_embd: int = opt(128, "embedding / hidden width", check=positive)
+    block_size: int = opt(128, "context length in tokens", check=positive)
+    dropout: float = opt(0.0, "dropout probability", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    # optimisation
+    steps: int = opt(300, "optimizer steps", check=positive)
+    batch_size: int = opt(16, "sequences per rank per micro-step (global batch = batch_size x ranks x grad_accum)", check=positive)
+    grad_accum: int = opt(1, "micro-steps accumulated before each optimizer step", check=positive)
+    optimizer: str = opt("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(2e-3, "peak learning rate", check=positive)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)", check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    warmup_steps: int = opt(20, "linear learning-rate warm-up steps", check=non_negative)
+    weight_decay: float = opt(0.1, "decoupled weight decay (adamw) or L2 (sgd) on matrices", check=non_negative)
+    momentum: float = opt(0.9, "SGD momentum", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 disables)", check=non_negative)
+    seed: int = opt(1337, "seed for initialisation and batch sampling")
+    # system
+    device: str = opt("auto", "auto: cuda:<local rank> when a GPU is present, else cpu", choices=DEVICES)
+    allreduce: str = opt("auto", "gradient allreduce algorithm", choices=ALLREDUCE_ALGORITHMS)
+    bucket_mb: float = opt(25.0, "gradient bucket size in MiB (buckets are reduced one after another)", check=positive)
+    # evaluation and output
+    eval_every: int = opt(100, "evaluate the validation loss every N steps (and at the end)", check=positive)
+    eval_batches: int = opt(8, "validation batches (of --batch-size sequences, spread over all ranks) per evaluation", check=positive)
+    log_every: int = opt(10, "print and record metrics every N steps", check=positive)
+    sample: int = opt(0, "print N generated characters from rank 0 at the end", check=non_negative)
+    out: str | None = opt(None, "output directory (default: runs/<timestamp>)")
+
+    # ---- derived helpers
+    @property
+    def tokens_per_step_per_rank(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields():
+    return [f for f in dataclasses.fields(TrainConfig)]
+
+
+def _type_of(f) -> type:
+    text = str(f.type)
+    for name, t in (("int", int), ("float", float), ("bool", bool), ("str", str)):
+        if text.startswith(name):
+            return t
+    return str
+
+
+def _number(kind: type):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting on every rank."""
+
+    quiet = False  # ranks other than 0 parse silently, so --help prints once
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def _print_message(self, message, file=None):
+        if not self.quiet:
+            super()._print_message(message, file)
+
+
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m mpilm.train",
+        description="Data-parallel LM training over MPI. Launch: mpirun -np N python -m mpilm.train [options]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.quiet = quiet
+    parser.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)")
+    for f in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = _type_of(f)
+        kwargs = dict(help=f.metadata["help"], default=argparse.SUPPRESS, dest=f.name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if kind in (int, float):
+            kwargs["type"] = _number(kind)
+        # choices are checked in check() so the message names the option the way the file does too
+        kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}" if f.metadata["choices"] else f.name.upper()
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _read_toml(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        with p.open("rb") as fh:
+            table = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"--config {path}: not valid TOML ({err})") from None
+    known = {f.name: f for f in _fields()}
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown option '{key}' (see --help for the list)")
+        kind = _type_of(known[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UsageError(f"--config {path}: '{key}' = {value!r}: expected {kind.__name__}")
+        values[name] = value
+    return values
+
+
+def check(cfg: TrainConfig) -> TrainConfig:
+    """Raise UsageError naming the first option that is out of range."""
+    for f in _fields():
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise UsageError(f"{flag} {value}: expected one of {', '.join(choices)}")
+        problem = f.metadata["check"](value) if f.metadata["check"] and value is not None else None
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number"
+        if problem:
+            raise UsageError(f"{flag} {value}: {problem}")
+    if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
+        raise UsageError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    return cfg
+
+
+def parse(argv: list[str] | None = None, quiet: bool = False) -> TrainConfig:
+    """Defaults < ``--config`` file < command line, then checked. Raises UsageError.
+
+    ``quiet`` silences ``--help`` output (for ranks other than 0).
+    """
+    args = vars(build_parser(quiet).parse_args(argv))
+    values = _read_toml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    cfg = TrainConfig(**values)
+    if cfg.out is None:
+        cfg.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    return check(cfg)
