@@ -48,8 +48,10 @@ def default_corpus() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def corpus_files(data: str | None) -> list[Path]:
-    """The files of the corpus, sorted. Raises UsageError for a missing path or an empty corpus."""
+def corpus_files(data: str | None, exclude: Path | None = None) -> list[Path]:
+    """The files of the corpus, sorted, leaving out anything below ``exclude`` (the token cache,
+    should it live inside the corpus directory). Raises UsageError for a missing path or an empty
+    corpus."""
     if data is None:
         root = default_corpus()
         files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
@@ -62,6 +64,9 @@ def corpus_files(data: str | None) -> list[Path]:
             files = [root]
         else:
             files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        if exclude is not None:
+            excluded = exclude.resolve()
+            files = [p for p in files if not p.resolve().is_relative_to(excluded)]
         label = f"--data {data}"
     if not files:
         raise UsageError(f"{label}: no files to read")
@@ -104,7 +109,7 @@ def read_header(path: Path) -> dict:
 
 def build_cache(data: str | None, cache_dir: str) -> tuple[Path, dict, bool]:
     """Rank 0 only: find or build the token file. Returns (path, header, built_now)."""
-    files = corpus_files(data)
+    files = corpus_files(data, exclude=Path(cache_dir).expanduser())
     path = Path(cache_dir).expanduser() / f"tokens-{cache_key(files)}.bin"
     if path.exists():
         try:

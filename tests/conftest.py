@@ -42,7 +42,7 @@ def pytest_runtest_logreport(report):
     if not MPI.Is_initialized() or MPI.COMM_WORLD.Get_size() == 1:
         return
     r = MPI.COMM_WORLD.Get_rank()
-    text = f"[rank {r}] FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n"
+    text = f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n"
     sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in text.splitlines()))
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(1)

@@ -1,0 +1,80 @@
+"""Bad input through the real command line under mpirun: one `error:` line, exit 2, no hang.
+
+And an unexpected exception on one rank: its traceback with a `[rank r]` prefix, and the whole
+job aborted instead of the other ranks waiting forever in a collective.
+"""
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--steps", "3"]
+
+
+def assert_usage_error(result, needle):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    (root / "empty_dir").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "small.txt").write_text("x" * 2000)  # 1980 training tokens: too few for 2 x 1025
+    return root
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "/nonexistent/corpus"], "--data /nonexistent/corpus: no such file or directory"),
+    (["--batch-size", "0"], "--batch-size 0: must be > 0"),
+    (["--steps", "-5"], "--steps -5: must be > 0"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--block-size", "0"], "--block-size 0: must be > 0"),
+    (["--model", "transformerxl"], "--model transformerxl: expected one of"),
+    (["--allreduce", "carrier-pigeon"], "--allreduce carrier-pigeon: expected one of"),
+    (["--device", "tpu"], "--device tpu: expected one of"),
+])
+def test_bad_options(args, needle):
+    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, *args], np=2, timeout=60), needle)
+
+
+@pytest.mark.parametrize("name, extra, needle", [
+    ("empty_dir", [], "no files to read"),
+    ("empty.txt", [], "the corpus has no bytes"),
+    ("small.txt", ["--block-size", "1024"], "corpus too small"),
+])
+def test_bad_corpora(corpora, tmp_path, name, extra, needle):
+    args = ["-m", "mpilm.train", *TINY, "--data", str(corpora / name), "--cache-dir", str(tmp_path), *extra]
+    assert_usage_error(run_cli(args, np=2, timeout=60), needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu():
+    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, "--device", "cuda"], np=2, timeout=60), "--device cuda: no CUDA GPU")
+
+
+def test_help_prints_once():
+    result = run_cli(["-m", "mpilm.train", "--help"], np=2, timeout=60)
+    assert result.returncode == 0 and result.stdout.count("usage:") == 1
+    assert "--allreduce" in result.stdout and "--grad-accum" in result.stdout
+
+
+def test_exception_on_one_rank_aborts_the_job(tmp_path):
+    script = (
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import train\n"
+        "if MPI.COMM_WORLD.rank == 1:\n"
+        "    def broken_step(*args, **kwargs):\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    train.train_step = broken_step\n"
+        f"sys.exit(train.main({TINY + ['--out', str(tmp_path)]!r}))\n"
+    )
+    result = run_cli(["-c", script], np=2, timeout=90)
+    assert result.returncode not in (0, 124, 137), "the job must abort, not hang or succeed"
+    assert "[rank 1] Traceback" in result.stderr and "[rank 1] RuntimeError: injected failure on rank 1" in result.stderr

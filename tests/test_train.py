@@ -1,0 +1,105 @@
+"""Training, distributed: data-parallel equivalence, falling loss, and what a run leaves behind."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpilm import checkpoint, models, train
+from mpilm.comm.grad_sync import GradBuffer, broadcast_
+from mpilm.timing import PhaseTimer
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--log-every", "5", "--eval-batches", "4"]
+
+
+def shared_tmp(tmp_path_factory, name):
+    comm = MPI.COMM_WORLD
+    return comm.bcast(str(tmp_path_factory.mktemp(name)) if comm.rank == 0 else None)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return models.build("gpt", vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_data_parallel_equals_one_process_with_the_global_batch(accum):
+    """N ranks x batch B (x accum) == 1 process x batch N*B*accum, after 5 SGD steps (fp32, CPU)."""
+    comm = MPI.COMM_WORLD
+    n, r, B, T = comm.size, comm.rank, 3, 16
+    g = torch.Generator().manual_seed(42)
+    batches = [torch.randint(0, 256, (n * accum * B, T + 1), generator=g) for _ in range(5)]
+
+    def run(model, grad_comm, rows_of):
+        grads = GradBuffer(model.named_parameters(), 2048, grad_comm)  # small buckets: many of them
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step, batch in enumerate(batches):
+            def get(micro, batch=batch):
+                rows = batch[rows_of(micro)]
+                return rows[:, :-1], rows[:, 1:]
+            train.train_step(model, grads, opt, get, accum if grad_comm is comm else 1, PhaseTimer(),
+                             algorithm="mpi", grad_clip=1.0)
+        return model
+
+    dp = run(tiny_gpt(), comm, lambda m: slice((r * accum + m) * B, (r * accum + m + 1) * B))
+    ref = run(tiny_gpt(), MPI.COMM_SELF, lambda m: slice(None))
+    assert len(GradBuffer(tiny_gpt().named_parameters(), 2048, MPI.COMM_SELF).buckets) > 3
+    for (name, a), b in zip(dp.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grads_are_views_and_broadcast_equalises_parameters():
+    comm = MPI.COMM_WORLD
+    model = tiny_gpt(seed=comm.rank)  # deliberately different on each rank
+    broadcast_(model.parameters(), comm)
+    first = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    root = first.clone()
+    comm.Bcast(root.numpy(), root=0)
+    assert torch.equal(first, root)
+    grads = GradBuffer(model.named_parameters(), 4096, comm)
+    flat = grads.flat[torch.float32]
+    lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * 4
+    for p in model.parameters():
+        assert lo <= p.grad.data_ptr() < hi
+    model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))[1].backward()
+    grads.check_views()
+    assert flat.abs().sum() > 0
+    starts = [b.start for b in grads.buckets]
+    assert starts == sorted(starts) and grads.buckets[-1].stop == flat.numel()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_loss_falls_and_outputs_are_written(tmp_path_factory, model):
+    out = shared_tmp(tmp_path_factory, f"run-{model}")
+    summary = train.run([*TINY, "--model", model, "--steps", "40", "--lr", "3e-3", "--eval-every", "20",
+                         "--out", out, "--sample", "20" if model == "gpt" else "0"])
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 1.0, summary
+    if MPI.COMM_WORLD.rank != 0:
+        return
+    files = {p.name for p in Path(out).iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "model.pt"} <= files
+    written = json.loads((Path(out) / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "val_bits_per_byte", "steps", "world_size",
+                "tokens_per_s", "compute_s", "comm_s"):
+        assert key in written
+    assert written["world_size"] == MPI.COMM_WORLD.size and written["steps"] == 40
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for key in ("loss", "lr", "tokens_per_s", "data_s", "forward_s", "backward_s", "comm_s", "optimizer_s"):
+        assert all(key in row for row in rows)
+    state = checkpoint.load(Path(out) / "model.pt")
+    assert state["config"]["model"] == model and "model" in state
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpiio_run_and_grad_accum(tmp_path_factory):
+    out = shared_tmp(tmp_path_factory, "run-mpiio")
+    summary = train.run([*TINY, "--steps", "10", "--data-io", "mpiio", "--grad-accum", "2", "--optimizer", "sgd",
+                         "--lr", "0.05", "--out", out])
+    assert summary["steps"] == 10 and summary["final_val_loss"] < summary["initial_val_loss"]
