@@ -1,0 +1,130 @@
+"""Hierarchical allreduce for many nodes (``algorithm="hier"``): shared memory inside a node,
+one allreduce per slice across nodes.
+
+One call, on every node at once:
+1. ``shm`` reduce-scatter inside the node: every node rank sums its region of the buffer
+   straight from its node peers' shared memory (no network);
+2. for each slice, the ranks that own that slice on every node allreduce it over the network,
+   with ``collectives.allreduce(..., "ring" or "rhd")`` on a cached slice communicator, in place
+   in shared memory, then divide by the total number of ranks for ``avg``;
+3. ``shm`` allgather inside the node: every rank copies the finished regions of its node peers.
+Steps 1-3 are one ``shm`` call with step 2 run between its reduce and gather halves, so the
+buffer is copied into shared memory once (not at all if it came from ``shm.alloc_shared_buffer``).
+
+Slice alignment with uneven nodes (e.g. ``-np 5`` with ``MPILM_RANKS_PER_NODE=2``: nodes of 2,
+2 and 1 ranks): every node cuts the buffer into the same L slices, L = the largest number of
+ranks on a node (slice j = ``shard_bounds(n, L, j)``), so slice j covers the same elements on
+every node. Node rank i of a node with k ranks owns the contiguous run of slices
+``shard_bounds(L, k, i)``: one slice each on full nodes, several on smaller ones (the lone rank
+of the third node above owns both). Slice communicator j holds the owner of slice j on every node,
+ordered by node; every rank walks its slices in increasing j, so a rank with several slices never
+waits on a cycle. A smaller node's ranks carry more of the inter-node traffic: the price of uneven
+nodes, paid only where they are uneven.
+
+Byte accounting: step 2 goes through ``collectives`` and is counted there in ``world.traffic``;
+steps 1 and 3 read shared memory, which is not network traffic and is not counted.
+
+Limits: host memory (CUDA tensors use the device ring, staged through host memory when MPI is not
+CUDA-aware); the same length and dtype on every rank, as for any allreduce. Communicators are
+created collectively on first use per (communicator, node layout) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpilm.comm import shm, world
+from mpilm.comm.collectives import shard_bounds
+
+# slices below this size cross the network with recursive halving-doubling (fewer latencies),
+# larger ones with the bandwidth-optimal ring
+RHD_BELOW_BYTES = 64 << 10
+
+
+class _Layout:
+    """Node layout of one communicator and the slice communicators built on it."""
+
+    def __init__(self, comm: MPI.Comm, node: MPI.Comm):
+        self.comm, self.node = comm, node
+        self.size = comm.Get_size()
+        k, i = node.Get_size(), node.Get_rank()
+        # identify each node by the lowest comm rank on it, and learn every node's size
+        leader = np.array([comm.Get_rank()], dtype=np.int64)
+        node.Allreduce(MPI.IN_PLACE, leader, op=MPI.MIN)
+        mine = np.array([leader[0], k], dtype=np.int64)
+        every = np.empty(2 * self.size, dtype=np.int64)
+        comm.Allgather(mine, every)
+        leaders = sorted(set(every[0::2].tolist()))
+        self.nodes = len(leaders)
+        node_index = leaders.index(int(leader[0]))
+        self.slices = int(every[1::2].max())  # L: the largest node's rank count
+        # node rank q owns slices shard_bounds(L, k, q): a contiguous run, >= 1 slice each
+        self.owned = [shard_bounds(self.slices, k, q) for q in range(k)]
+        self.slice_comms: dict[int, MPI.Comm] = {}
+        my_first, my_stop = self.owned[i]
+        for j in range(self.slices):  # collective: every rank joins every Split, in the same order
+            color = j if my_first <= j < my_stop else MPI.UNDEFINED
+            sub = comm.Split(color, key=node_index)
+            if sub != MPI.COMM_NULL:
+                self.slice_comms[j] = sub
+
+    def regions(self, n: int) -> list[tuple[int, int]]:
+        """Element range of the slices each node rank owns."""
+        return [self.slice_range(n, first, stop) for first, stop in self.owned]
+
+    def slice_range(self, n: int, first: int, stop: int) -> tuple[int, int]:
+        return shard_bounds(n, self.slices, first)[0], shard_bounds(n, self.slices, stop - 1)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_cached(comm_handle: int, node_handle: int) -> _Layout:
+    return _Layout(MPI.Comm.f2py(comm_handle), MPI.Comm.f2py(node_handle))
+
+
+def _layout(comm: MPI.Comm) -> _Layout:
+    node = world.node_comm(comm)  # cached per fake-node setting, so the key covers the layout
+    return _layout_cached(comm.py2f(), node.py2f())
+
+
+def _inter_node_algorithm(nbytes: int) -> str:
+    return "rhd" if nbytes < RHD_BELOW_BYTES else "ring"
+
+
+def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
+    """Allreduce ``buf`` in place over ``comm`` (any number of nodes, even or uneven)."""
+    from mpilm.comm import collectives  # lazily: collectives dispatches to this module lazily
+
+    shm._check(buf, op, "hier")
+    comm = comm or world.WORLD
+    if buf.is_cuda:
+        return shm._on_device(buf, comm, op)
+    p = comm.Get_size()
+    n = buf.numel()
+    if p == 1 or n == 0:
+        return buf.div_(p) if op == "avg" and p > 1 else buf
+    layout = _layout(comm)
+    if layout.nodes == 1:
+        return shm.allreduce(buf, comm, op)
+    node_rank = layout.node.Get_rank()
+    first, stop = layout.owned[node_rank]
+    region_lo = layout.slice_range(n, first, stop)[0]
+
+    def across_nodes(region: torch.Tensor) -> None:
+        # my node's partial sums of my slices -> the global sums, one slice communicator per slice
+        for j in range(first, stop):
+            lo, hi = shard_bounds(n, layout.slices, j)
+            piece = region[lo - region_lo : hi - region_lo]
+            algorithm = _inter_node_algorithm(piece.numel() * piece.element_size())
+            # blocks until the owners of slice j on every node have joined
+            collectives.allreduce(piece, layout.slice_comms[j], algorithm=algorithm, op="sum")
+        if op == "avg":
+            region.div_(p)
+
+    if layout.node.Get_size() == 1:  # alone on my node: my buffer is the node's partial sum
+        across_nodes(buf)
+        return buf
+    return shm._group(layout.node).run(buf, "allreduce", layout.regions(n), 1, between=across_nodes)

@@ -1,0 +1,472 @@
+"""Single-node allreduce through an MPI-3 shared-memory window (``algorithm="shm"``).
+
+How one call works, for the p ranks of one node (``world.node_comm(comm)``; fake nodes from
+``MPILM_RANKS_PER_NODE`` are honoured):
+
+1. every rank publishes where its input lies (its own segment of a shared window, at which
+   offset), its length and dtype in a small shared *control block*, and arrives at sync 1;
+2. a rank whose buffer is ordinary private memory copies it into its segment of a persistent
+   shared *scratch* window (the slices its peers will read), then arrives at sync 2 (skipped when
+   every rank's buffer already lies in a shared window: see ``alloc_shared_buffer``);
+3. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory: plain
+   loads from the peers' segments, summed into its own segment (fp32 accumulation for float16
+   and bfloat16), divided by p for ``avg``; arrives at sync 3;
+4. every rank copies the p-1 reduced slices of its peers back into its buffer (and its own, if
+   its buffer is private); when some rank's buffer is a shared buffer that its owner will write
+   again right after the call, a last sync 4 keeps it from doing so while peers still read it.
+
+Synchronisation uses the window's own primitives: all windows stay in one ``Lock_all`` passive
+epoch, every sync is ``Win.Sync`` (a memory barrier) + an arrival counter in the shared control
+block + ``Win.Sync``, and a rank waits by polling its peers' counters (a short spin, then
+yielding the CPU and the GIL, so oversubscribed runs and communication threads still progress).
+That is an order of magnitude cheaper than ``MPI_Barrier`` here (about 1 us against 9 us), which
+is what makes ``shm`` beat the library's allreduce from 64 KiB up.
+
+Windows are collective objects, cached per node communicator; the scratch window is reused by
+every call and replaced by one twice as large (the old one freed with ``Win.Free``) only when a
+larger buffer arrives, so any number of calls of varying sizes keep memory bounded. Everything
+left is freed at interpreter exit while MPI is still up.
+
+Element-wise work goes through numpy views of the window memory for float32/float64/float16:
+at 64 KiB the cost of a call is dominated by per-op overhead, and numpy's slicing and ufunc
+dispatch are 5-10x cheaper than torch's on these CPUs (measured: 0.3 us against 3 us per slice).
+bfloat16, which numpy lacks, takes the same steps with torch ops.
+
+Limits:
+- one node only: a ``comm`` spanning several nodes raises ValueError (use ``hier``);
+- host memory only: CUDA tensors are handed to the device ring (``collectives.allreduce(...,
+  "ring")``, which stages through pinned host buffers when MPI is not CUDA-aware); CUDA IPC
+  between GPUs of a node is not implemented;
+- every rank must pass the same length and dtype (checked: a mismatch raises ValueError on every
+  rank, as long as no rank had to grow its windows for a larger length first);
+- shared-memory loads are not network traffic: ``world.traffic`` is left untouched (the only MPI
+  calls are the collective window creations).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpilm.comm import world
+from mpilm.comm.collectives import shard_bounds  # collectives imports this module lazily, no cycle
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES, start=1)}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+MIN_SCRATCH_BYTES = 1 << 20  # first scratch window; later ones double
+REDUCE_BLOCK = 1 << 16  # elements summed per pass when > 2 inputs, so the accumulator stays in L2
+SPIN_TIGHT_S = 50e-6  # poll without yielding for this long (holds the GIL: keep it short)
+SPIN_YIELD_S = 2e-3  # then poll with time.sleep(0) (yields CPU and GIL), then sleep SPIN_SLEEP_S
+SPIN_SLEEP_S = 20e-6
+
+# control block: one 128-byte slot (two cache lines) of int64 words per node rank
+_SLOT_WORDS = 16
+_ARRIVED, _WINDOW, _OFFSET, _NUMEL, _DTYPE, _KIND = range(6)
+_SCRATCH = -1  # _WINDOW value: the input was copied into the scratch window
+_KINDS = {"allreduce": 1, "reduce_scatter": 2, "allgather": 3}
+
+
+class _SharedWindow:
+    """One ``MPI.Win.Allocate_shared`` window: this rank's segment and its peers', kept locked."""
+
+    def __init__(self, node: MPI.Comm, nbytes: int, contiguous: bool = False):
+        info = MPI.Info.Create()
+        if not contiguous:
+            info.Set("alloc_shared_noncontig", "true")  # each segment on its owner's NUMA node
+        self.win = MPI.Win.Allocate_shared(nbytes, 1, info, node)  # collective over the node
+        info.Free()
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's whole life
+        self.nbytes = nbytes
+        self._memory = [self.win.Shared_query(q)[0] for q in range(node.Get_size())]
+        self._views: dict = {}
+
+    def segment(self, q: int, dtype: torch.dtype, as_numpy: bool):
+        """Rank q's whole segment as a flat numpy array (or torch tensor) of ``dtype``."""
+        key = (q, dtype, as_numpy)
+        view = self._views.get(key)
+        if view is None:
+            memory = self._memory[q]
+            if as_numpy:
+                view = np.frombuffer(memory, dtype=_NUMPY_DTYPES[dtype])
+            else:
+                view = torch.frombuffer(memory, dtype=dtype)
+            self._views[key] = view
+        return view
+
+    def base_address(self, q: int) -> int:
+        return MPI.Get_address(self._memory[q])
+
+    def free(self) -> None:
+        """Collective over the node. Views handed out before must not be used afterwards."""
+        self._views.clear()
+        self._memory.clear()
+        self.win.Unlock_all()
+        self.win.Free()  # collective: returns once every node rank has let go of the window
+
+
+@dataclass
+class _Input:
+    """Where one rank's input lies, as published in its control slot."""
+
+    window: int  # index into _NodeGroup.buffers, or _SCRATCH
+    offset: int  # element offset of the input in that rank's segment
+
+
+class _NodeGroup:
+    """Shared state of the ranks of one node communicator: control block, scratch, user buffers."""
+
+    def __init__(self, node: MPI.Comm):
+        self.node = node
+        self.me = node.Get_rank()
+        self.p = node.Get_size()
+        self.peers = [q for q in range(self.p) if q != self.me]
+        # control block on node rank 0 only, so all slots lie in one contiguous array
+        self.control = _SharedWindow(node, 8 * _SLOT_WORDS * self.p if self.me == 0 else 0, contiguous=True)
+        self.slots = memoryview(self.control._memory[0]).cast("B").cast("q")
+        if self.me == 0:
+            for word in range(_SLOT_WORDS * self.p):
+                self.slots[word] = 0
+        self.control.win.Sync()
+        node.Barrier()  # blocks until node rank 0 has zeroed the control block
+        self.control.win.Sync()
+        self.arrivals = 0
+        self.scratch: _SharedWindow | None = None
+        self.buffers: dict[int, _SharedWindow] = {}  # alloc_shared_buffer windows, by id
+        self.next_buffer_id = 0
+        self.accumulator: torch.Tensor | None = None  # private fp32 sums for half types
+
+    # ---------------------------------------------------------------- synchronisation
+    def _fence(self, windows) -> None:
+        # Win.Sync is MPI's memory barrier for the unified model: our stores to shared memory
+        # become visible before the counter store, and peers' loads happen after seeing it
+        self.control.win.Sync()
+        for win in windows:
+            win.win.Sync()
+
+    def arrive_and_wait(self, windows=()) -> None:
+        """Sync point: publish this rank's arrival, wait for every node peer to arrive too."""
+        self._fence(windows)
+        self.arrivals += 1
+        target = self.arrivals
+        slots = self.slots
+        slots[self.me * _SLOT_WORDS + _ARRIVED] = target
+        for q in self.peers:
+            word = q * _SLOT_WORDS + _ARRIVED
+            if slots[word] >= target:
+                continue
+            # blocks until node peer q arrives: spin briefly, then yield the CPU and the GIL
+            start = time.perf_counter()
+            while slots[word] < target:
+                waited = time.perf_counter() - start
+                if waited > SPIN_YIELD_S:
+                    time.sleep(SPIN_SLEEP_S)
+                elif waited > SPIN_TIGHT_S:
+                    time.sleep(0)
+        self._fence(windows)
+
+    def publish(self, where: _Input | None, numel: int, dtype: torch.dtype, kind: int) -> None:
+        base = self.me * _SLOT_WORDS
+        slots = self.slots
+        slots[base + _WINDOW] = _SCRATCH if where is None else where.window
+        slots[base + _OFFSET] = 0 if where is None else where.offset
+        slots[base + _NUMEL] = numel
+        slots[base + _DTYPE] = _DTYPE_CODES[dtype]
+        slots[base + _KIND] = kind
+
+    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> list[_Input]:
+        """Every rank's published input; ValueError (on every rank alike) if the calls differ."""
+        inputs = []
+        for q in range(self.p):
+            base = q * _SLOT_WORDS
+            signature = (self.slots[base + _NUMEL], self.slots[base + _DTYPE], self.slots[base + _KIND])
+            if signature != (numel, _DTYPE_CODES[dtype], kind):
+                calls = [
+                    f"node rank {r}: kind {self.slots[r * _SLOT_WORDS + _KIND]}, "
+                    f"{self.slots[r * _SLOT_WORDS + _NUMEL]} elements, dtype code {self.slots[r * _SLOT_WORDS + _DTYPE]}"
+                    for r in range(self.p)
+                ]
+                raise ValueError("shm: ranks of a node called different collectives: " + "; ".join(calls))
+            inputs.append(_Input(self.slots[base + _WINDOW], self.slots[base + _OFFSET]))
+        return inputs
+
+    # ---------------------------------------------------------------- memory
+    def locate(self, buf: torch.Tensor) -> _Input | None:
+        """The shared buffer window ``buf`` lies in (this rank's segment), or None if private."""
+        if not self.buffers:
+            return None
+        address, nbytes = buf.data_ptr(), buf.numel() * buf.element_size()
+        for window_id, window in self.buffers.items():
+            base = window.base_address(self.me)
+            if base <= address and address + nbytes <= base + window.nbytes:
+                if (address - base) % buf.element_size():
+                    return None
+                return _Input(window_id, (address - base) // buf.element_size())
+        return None
+
+    def ensure_scratch(self, nbytes: int) -> None:
+        """Collective: grow the scratch window geometrically (all ranks decide alike)."""
+        if self.scratch is not None and self.scratch.nbytes >= nbytes:
+            return
+        capacity = max(nbytes, MIN_SCRATCH_BYTES, 2 * self.scratch.nbytes if self.scratch else 0)
+        capacity = -(-capacity // 4096) * 4096
+        if self.scratch is not None:
+            self.scratch.free()  # collective; no peer reads it: all passed sync 1 of this call
+            self.scratch = None
+        self.scratch = _SharedWindow(self.node, capacity)
+
+    def accumulator_for(self, numel: int) -> torch.Tensor:
+        if self.accumulator is None or self.accumulator.numel() < numel:
+            grown = max(numel, 2 * self.accumulator.numel() if self.accumulator is not None else 0)
+            self.accumulator = torch.empty(grown, dtype=torch.float32)
+        return self.accumulator[:numel]
+
+    def windows(self) -> list[_SharedWindow]:
+        return [self.control] + ([self.scratch] if self.scratch else []) + list(self.buffers.values())
+
+    def free_all(self) -> None:
+        for window in list(self.buffers.values()) + ([self.scratch] if self.scratch else []) + [self.control]:
+            window.free()  # collective over the node
+        self.buffers.clear()
+        self.scratch = None
+
+    # ---------------------------------------------------------------- the collective
+    def run(self, buf: torch.Tensor, kind: str, bounds: list[tuple[int, int]], divisor: int, between=None):
+        """Reduce slice ``bounds[me]`` (``reduce``), and/or gather every slice (``gather``), in place.
+
+        ``between(region)``, if given, runs on this rank's reduced region (a CPU torch tensor in
+        shared memory) before the peers read it: ``hier`` puts its inter-node allreduce there.
+        """
+        reduce = kind in ("allreduce", "reduce_scatter")
+        gather = kind in ("allreduce", "allgather")
+        n, dtype = buf.numel(), buf.dtype
+        as_numpy = dtype in _NUMPY_DTYPES
+        local = buf.numpy() if as_numpy else buf
+        mine = self.locate(buf)
+
+        # sync 1: everyone's input is complete and its location published
+        self.publish(mine, n, dtype, _KINDS[kind])
+        self.arrive_and_wait([self.buffers[mine.window]] if mine is not None else [])
+        inputs = self.read_inputs(n, dtype, _KINDS[kind])
+        any_private = any(m.window == _SCRATCH for m in inputs)
+        any_shared = any(m.window != _SCRATCH for m in inputs)
+        if any_private:
+            self.ensure_scratch(n * buf.element_size())
+        involved = [self.scratch] if any_private else []
+        involved += [self.buffers[w] for w in sorted({m.window for m in inputs if m.window != _SCRATCH})]
+        data = [self._data(q, inputs[q], n, dtype, as_numpy) for q in range(self.p)]
+        lo, hi = bounds[self.me]
+
+        if any_private:
+            if mine is None:
+                # copy in what the peers will read: the others' slices (reduce), or my own (gather)
+                if reduce:
+                    _copy(data[self.me][:lo], local[:lo])
+                    _copy(data[self.me][hi:], local[hi:])
+                else:
+                    _copy(data[self.me][lo:hi], local[lo:hi])
+            self.arrive_and_wait(involved)  # sync 2: every input is readable
+
+        if reduce:
+            # the result goes where peers can read it (allreduce) or straight into buf (reduce_scatter)
+            target = data[self.me][lo:hi] if gather else local[lo:hi]
+            sources = [local[lo:hi]] + [data[q][lo:hi] for q in self.peers]
+            self._reduce(target, sources, divisor, wide=dtype in (torch.float16, torch.bfloat16))
+            if between is not None:
+                between(torch.from_numpy(target) if as_numpy else target)
+            self.arrive_and_wait(involved)  # sync 3: every reduced slice is ready, inputs are read
+
+        if gather:
+            for q in self.peers:
+                q_lo, q_hi = bounds[q]
+                _copy(local[q_lo:q_hi], data[q][q_lo:q_hi])
+            if reduce and mine is None:
+                _copy(local[lo:hi], data[self.me][lo:hi])
+            if any_shared:
+                self.arrive_and_wait(involved)  # sync 4: shared buffers are free for their owners
+        return buf
+
+    def _data(self, q: int, where: _Input, n: int, dtype: torch.dtype, as_numpy: bool):
+        window = self.scratch if where.window == _SCRATCH else self.buffers[where.window]
+        return window.segment(q, dtype, as_numpy)[where.offset : where.offset + n]
+
+    def _reduce(self, target, sources, divisor: int, wide: bool) -> None:
+        """target = sum(sources) / divisor, element-wise; fp32 sums when ``wide`` (half types)."""
+        m = len(target)
+        if m == 0:
+            return
+        block = m if len(sources) <= 2 else REDUCE_BLOCK  # > 2 inputs: keep the sum in cache
+        accumulator = self.accumulator_for(min(block, m)) if wide else None
+        for start in range(0, m, block):
+            stop = min(start + block, m)
+            parts = [source[start:stop] for source in sources]
+            if wide:
+                acc = accumulator[: stop - start]
+                acc_view = acc.numpy() if isinstance(target, np.ndarray) else acc
+                _sum_into(acc_view, parts, divisor)
+                _copy(target[start:stop], acc_view)
+            else:
+                _sum_into(target[start:stop], parts, divisor)
+
+
+def _copy(dst, src) -> None:
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src, casting="same_kind")
+    else:
+        dst.copy_(src)
+
+
+def _sum_into(out, parts, divisor: int) -> None:
+    """out = (parts[0] + parts[1] + ...) / divisor in out's precision (numpy or torch views)."""
+    if isinstance(out, np.ndarray):
+        if len(parts) == 1:
+            np.copyto(out, parts[0], casting="same_kind")
+        else:
+            np.add(parts[0], parts[1], out=out, dtype=out.dtype)
+        for part in parts[2:]:
+            np.add(out, part, out=out, dtype=out.dtype)
+        if divisor > 1:
+            np.divide(out, divisor, out=out)
+    else:
+        out.copy_(parts[0])
+        for part in parts[1:]:
+            out.add_(part)
+        if divisor > 1:
+            out.div_(divisor)
+
+
+# ---------------------------------------------------------------- groups, cached per node comm
+_groups: dict[int, _NodeGroup] = {}
+
+
+def _group(node: MPI.Comm) -> _NodeGroup:
+    """The node group of ``node`` (collective on first use: creates the control block)."""
+    key = node.py2f()
+    group = _groups.get(key)
+    if group is None:
+        group = _groups[key] = _NodeGroup(node)
+    return group
+
+
+@atexit.register
+def _free_windows_at_exit() -> None:
+    # runs before mpi4py finalizes MPI; every rank frees the same windows in creation order
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    for group in _groups.values():
+        group.free_all()
+    _groups.clear()
+
+
+def live_windows() -> int:
+    """Number of shared windows this process holds (control blocks, scratch, shared buffers)."""
+    return sum(len(group.windows()) for group in _groups.values())
+
+
+def _node_of(comm: MPI.Comm | None, algorithm: str = "shm") -> tuple[MPI.Comm, MPI.Comm]:
+    comm = comm or world.WORLD
+    node = world.node_comm(comm)
+    if node.Get_size() != comm.Get_size():
+        raise ValueError(
+            f"{algorithm}: the communicator spans several nodes ({comm.Get_size()} ranks, "
+            f"{node.Get_size()} on this node); use algorithm 'hier' for multi-node allreduce"
+        )
+    return comm, node
+
+
+def _check(buf: torch.Tensor, op: str, algorithm: str = "shm") -> None:
+    if op not in ("sum", "avg"):
+        raise ValueError(f"{algorithm}: op {op!r}: expected 'sum' or 'avg'")
+    if buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(f"{algorithm}: expected a 1-D contiguous tensor, got shape {tuple(buf.shape)}")
+    if buf.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{algorithm}: dtype {buf.dtype} is not supported (use one of {names})")
+
+
+def _on_device(buf: torch.Tensor, comm: MPI.Comm | None, op: str) -> torch.Tensor:
+    # GPUs of one node have no shared host window to meet in (no CUDA IPC here): use the device
+    # ring, which stages through pinned host memory when MPI is not CUDA-aware
+    from mpilm.comm import collectives
+
+    return collectives.allreduce(buf, comm, algorithm="ring", op=op)
+
+
+# ---------------------------------------------------------------- public API
+def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
+    """Allreduce ``buf`` in place over ``comm`` (all on one node) through shared memory."""
+    _check(buf, op)
+    if buf.is_cuda:
+        return _on_device(buf, comm, op)
+    comm, node = _node_of(comm)
+    p = node.Get_size()
+    if p == 1 or buf.numel() == 0:
+        return buf.div_(p) if op == "avg" and p > 1 else buf
+    bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
+    return _group(node).run(buf, "allreduce", bounds, p if op == "avg" else 1)
+
+
+def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
+    """Reduce ``buf`` over ``comm`` (one node); returns this rank's reduced slice, a view of buf.
+
+    The slice is ``buf[shard_bounds(n, p, rank)]``; the rest of ``buf`` keeps its input values.
+    """
+    _check(buf, op)
+    if buf.is_cuda:
+        raise ValueError("shm.reduce_scatter: CUDA tensors are not supported (use collectives.reduce_scatter)")
+    comm, node = _node_of(comm)
+    p, me = node.Get_size(), node.Get_rank()
+    lo, hi = shard_bounds(buf.numel(), p, me)
+    if p > 1 and buf.numel() > 0:
+        bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
+        _group(node).run(buf, "reduce_scatter", bounds, p if op == "avg" else 1)
+    return buf[lo:hi]
+
+
+def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
+    """Fill every rank's slice ``shard_bounds(n, p, r)`` of ``buf`` from rank r (one node)."""
+    _check(buf, "sum")
+    if buf.is_cuda:
+        raise ValueError("shm.allgather: CUDA tensors are not supported (use collectives.allgather)")
+    comm, node = _node_of(comm)
+    p = node.Get_size()
+    if p > 1 and buf.numel() > 0:
+        bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
+        _group(node).run(buf, "allgather", bounds, 1)
+    return buf
+
+
+def alloc_shared_buffer(numel: int, dtype: torch.dtype = torch.float32, comm: MPI.Comm | None = None) -> torch.Tensor:
+    """Collective over the node of ``comm``: a 1-D tensor living in this rank's shared segment.
+
+    Make the flat gradient buffer with it and ``allreduce``/``hier`` skip the copy into shared
+    memory (and sync 2): peers read the gradients where backward wrote them. Views of it (buckets)
+    work too. The memory stays valid until ``free_shared_buffer`` or interpreter exit.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"alloc_shared_buffer: dtype {dtype} is not supported")
+    if numel < 0:
+        raise ValueError(f"alloc_shared_buffer: numel {numel} must be >= 0")
+    group = _group(world.node_comm(comm or world.WORLD))
+    element_size = torch.empty((), dtype=dtype).element_size()
+    window = _SharedWindow(group.node, max(numel * element_size, 64))
+    group.buffers[group.next_buffer_id] = window
+    group.next_buffer_id += 1
+    segment = torch.frombuffer(window._memory[group.me], dtype=torch.uint8)
+    return segment[: numel * element_size].view(dtype)
+
+
+def free_shared_buffer(tensor: torch.Tensor, comm: MPI.Comm | None = None) -> None:
+    """Collective over the node: free the window behind ``tensor`` (which must not be used again)."""
+    group = _group(world.node_comm(comm or world.WORLD))
+    where = group.locate(tensor)
+    if where is None:
+        raise ValueError("free_shared_buffer: tensor does not lie in a buffer from alloc_shared_buffer")
+    group.buffers.pop(where.window).free()  # collective over the node

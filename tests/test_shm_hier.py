@@ -1,0 +1,264 @@
+"""Node-aware collectives: ``shm`` (one node, shared-memory window), ``hier`` (many nodes), and
+the pipelined host staging of device buffers run with the host as the "device".
+
+Run at any world size, with and without fake nodes (``MPILM_RANKS_PER_NODE``, read by
+``world.node_comm`` at call time; every rank sets the same value)::
+
+    timeout 600 .venv/bin/mpirun -np 5 .venv/bin/python -m pytest -q --with-mpi -m mpi tests/test_shm_hier.py
+
+Every check compares against a float64 numpy reference built from all ranks' inputs (each rank
+regenerates them from seeds) and checks that all ranks hold bit-identical results.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.collectives]
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (rtol, atol) against the float64 reference: fp32/fp64 sums of ~N(0,1) values; the half types
+# are rounded once per stage (shm stage, and per step of the inter-node ring in hier)
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
+
+
+def _world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _lengths(p: int) -> list[int]:
+    return sorted({0, 1, max(p - 1, 0), p + 1, 1009, 2**16 + 3})
+
+
+def _input(n: int, dtype: torch.dtype, seed: int, rank: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def _reference(n: int, dtype: torch.dtype, seed: int, ranks: list[int], op: str) -> np.ndarray:
+    total = sum(_input(n, dtype, seed, q).double().numpy() for q in ranks)
+    return total / len(ranks) if op == "avg" else total
+
+
+def _assert_close(result: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    np.testing.assert_allclose(result.double().numpy(), expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def _assert_identical_on(comm, result: torch.Tensor, what: str) -> None:
+    """Every rank of ``comm`` holds the same bytes (one owner computed each element)."""
+    raw = result.view(torch.uint8).numpy() if result.numel() else np.zeros(0, np.uint8)
+    everyone = np.empty(comm.Get_size() * raw.size, dtype=np.uint8)
+    comm.Allgather(raw, everyone)
+    for q, theirs in enumerate(everyone.reshape(comm.Get_size(), raw.size)):
+        assert np.array_equal(theirs, raw), f"{what}: rank {q} of the group holds different bytes"
+
+
+def _fake_nodes(monkeypatch, ranks_per_node: int | None) -> None:
+    if ranks_per_node is None:
+        monkeypatch.delenv("MPILM_RANKS_PER_NODE", raising=False)
+    else:
+        monkeypatch.setenv("MPILM_RANKS_PER_NODE", str(ranks_per_node))
+
+
+# ---------------------------------------------------------------- shm
+@pytest.mark.parametrize("ranks_per_node", [None, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype):
+    from mpilm.comm import shm, world
+
+    _fake_nodes(monkeypatch, ranks_per_node)
+    comm = _world()
+    node = world.node_comm(comm)  # shm runs on one (real or fake) node
+    members = node.allgather(comm.Get_rank())  # world ranks of my node, for the reference
+    for op in ("sum", "avg"):
+        for seed, n in enumerate(_lengths(node.Get_size())):
+            x = _input(n, dtype, seed, comm.Get_rank())
+            out = shm.allreduce(x, node, op=op)
+            assert out is x
+            what = f"shm {op} n={n} {dtype} node of {node.Get_size()}"
+            _assert_close(x, _reference(n, dtype, seed, members, op), dtype, what)
+            _assert_identical_on(node, x, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_shm_halves_match_reference(dtype):
+    from mpilm.comm import shm
+    from mpilm.comm.collectives import shard_bounds
+
+    comm = _world()
+    p, r = comm.Get_size(), comm.Get_rank()
+    everyone = list(range(p))
+    for seed, n in enumerate(_lengths(p)):
+        x = _input(n, dtype, seed, r)
+        before = x.clone()
+        mine = shm.reduce_scatter(x, comm, op="avg")
+        lo, hi = shard_bounds(n, p, r)
+        assert mine.data_ptr() == x[lo:hi].data_ptr() or n == 0
+        expected = _reference(n, dtype, seed, everyone, "avg")
+        _assert_close(mine, expected[lo:hi], dtype, f"reduce_scatter n={n}")
+        assert torch.equal(x[:lo], before[:lo]) and torch.equal(x[hi:], before[hi:])
+        x.zero_()
+        x[lo:hi] = _input(n, dtype, seed, r)[lo:hi]
+        shm.allgather(x, comm)
+        for q in everyone:
+            q_lo, q_hi = shard_bounds(n, p, q)
+            assert torch.equal(x[q_lo:q_hi], _input(n, dtype, seed, q)[q_lo:q_hi]), f"allgather n={n} slice {q}"
+
+
+def test_shm_rejects_a_communicator_spanning_nodes(monkeypatch):
+    from mpilm.comm import shm
+
+    comm = _world()
+    if comm.Get_size() < 2:
+        pytest.skip("needs two fake nodes")
+    _fake_nodes(monkeypatch, 1)
+    with pytest.raises(ValueError, match="use algorithm 'hier'"):
+        shm.allreduce(torch.ones(8), comm)
+
+
+def test_shm_length_mismatch_raises_on_every_rank():
+    from mpilm.comm import shm
+
+    comm = _world()
+    if comm.Get_size() < 2:
+        pytest.skip("needs two ranks")
+    shm.allreduce(torch.ones(4096), comm)  # scratch big enough: no rank grows a window below
+    with pytest.raises(ValueError, match="different collectives"):
+        shm.allreduce(torch.ones(100 + comm.Get_rank()), comm)
+    x = torch.ones(64)  # and the group still works afterwards
+    shm.allreduce(x, comm, op="sum")
+    assert torch.equal(x, torch.full((64,), float(comm.Get_size())))
+
+
+def test_shm_shared_buffer_zero_copy_and_mixed():
+    """Buffers from alloc_shared_buffer (whole, bucket views, mixed with private) are reduced in place."""
+    from mpilm.comm import shm
+
+    comm = _world()
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = 3001
+    flat = shm.alloc_shared_buffer(n, torch.float32, comm)
+    assert flat.numel() == n and flat.dtype == torch.float32
+    windows = shm.live_windows()
+    for op in ("sum", "avg"):
+        flat.copy_(_input(n, torch.float32, 1, r))
+        shm.allreduce(flat, comm, op=op)
+        _assert_close(flat, _reference(n, torch.float32, 1, list(range(p)), op), torch.float32, f"shared {op}")
+    # buckets: views at different offsets of the shared buffer
+    flat.copy_(_input(n, torch.float32, 2, r))
+    expected = _reference(n, torch.float32, 2, list(range(p)), "avg")
+    for lo, hi in [(0, 1000), (1000, 1001), (1001, 3001)]:
+        shm.allreduce(flat[lo:hi], comm, op="avg")
+    _assert_close(flat, expected, torch.float32, "shared buckets")
+    # rank 0 in shared memory, the others private: every rank still gets the same answer
+    x = flat if r == 0 else torch.empty(n)
+    x.copy_(_input(n, torch.float32, 3, r))
+    shm.allreduce(x, comm, op="sum")
+    _assert_close(x, _reference(n, torch.float32, 3, list(range(p)), "sum"), torch.float32, "mixed")
+    _assert_identical_on(comm, x, "mixed")
+    shm.free_shared_buffer(flat, comm)
+    assert shm.live_windows() == windows - 1
+    with pytest.raises(ValueError, match="does not lie"):
+        shm.free_shared_buffer(torch.ones(3), comm)
+
+
+def test_shm_reuses_windows_over_many_calls():
+    """1000 calls of varying sizes: no new windows after the largest size, no RSS growth."""
+    from mpilm.comm import shm
+
+    comm = _world()
+    sizes = random.Random(1234).choices(range(0, 40000), k=1000)  # the same list on every rank
+    x = torch.ones(max(sizes))
+    shm.allreduce(x, comm)  # grows the scratch window to the largest size once
+    windows = shm.live_windows()
+    rss_before = _rss_bytes()
+    for n in sizes:
+        shm.allreduce(x[:n], comm, op="avg")
+    assert shm.live_windows() == windows
+    growth = _rss_bytes() - rss_before
+    assert growth < 8 << 20, f"resident memory grew by {growth / 2**20:.1f} MiB over 1000 calls"
+    assert torch.equal(x, torch.ones_like(x))  # averaging equal inputs keeps them
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------- hier
+@pytest.mark.parametrize("ranks_per_node", [None, 1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_hier_matches_reference(monkeypatch, ranks_per_node, dtype):
+    """Even and uneven fake nodes (e.g. -np 5 with 2 per node: 2+2+1; with 3: 3+2)."""
+    from mpilm.comm import hier
+
+    _fake_nodes(monkeypatch, ranks_per_node)
+    comm = _world()
+    everyone = list(range(comm.Get_size()))
+    for op in ("sum", "avg"):
+        for seed, n in enumerate(_lengths(comm.Get_size())):
+            x = _input(n, dtype, seed, comm.Get_rank())
+            assert hier.allreduce(x, comm, op=op) is x
+            what = f"hier {op} n={n} {dtype} {ranks_per_node} ranks per node"
+            _assert_close(x, _reference(n, dtype, seed, everyone, op), dtype, what)
+            _assert_identical_on(comm, x, what)
+
+
+def test_hier_through_dispatcher_with_shared_buffer(monkeypatch):
+    """``collectives.allreduce(algorithm="hier")`` with the flat buffer in shared memory."""
+    from mpilm.comm import collectives, shm
+
+    _fake_nodes(monkeypatch, 2)
+    comm = _world()
+    n = 2**15 + 7
+    flat = shm.alloc_shared_buffer(n, torch.float32, comm)
+    flat.copy_(_input(n, torch.float32, 5, comm.Get_rank()))
+    collectives.allreduce(flat, comm, algorithm="hier", op="avg")
+    _assert_close(flat, _reference(n, torch.float32, 5, list(range(comm.Get_size())), "avg"), torch.float32, "hier shared")
+    shm.free_shared_buffer(flat, comm)
+
+
+# ---------------------------------------------------------------- staging, host as the device
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_staged_pipeline_on_host_matches_reference(algorithm, dtype):
+    """The GPU staging pipeline, run with CPU tensors (same code, copies without streams)."""
+    from mpilm.comm import staging, world
+
+    comm = _world()
+    everyone = list(range(comm.Get_size()))
+    sent_before = world.traffic.sent
+    for op in ("sum", "avg"):
+        for seed, n in enumerate(_lengths(comm.Get_size())):
+            x = _input(n, dtype, seed, comm.Get_rank())
+            # about 16 segments per buffer (at least 1 KiB), so the pipeline really overlaps
+            segment_bytes = max(1024, n * x.element_size() // 16)
+            assert staging.allreduce_staged(x, comm, algorithm, op, segment_bytes=segment_bytes) is x
+            what = f"staged {algorithm} {op} n={n} {dtype}"
+            _assert_close(x, _reference(n, dtype, seed, everyone, op), dtype, what)
+            _assert_identical_on(comm, x, what)
+    if comm.Get_size() > 1:
+        assert world.traffic.sent > sent_before
+
+
+def test_staged_rejects_bad_arguments():
+    from mpilm.comm import staging
+
+    with pytest.raises(ValueError, match="algorithm"):
+        staging.allreduce_staged(torch.ones(4), None, "bogus", "avg")
+    with pytest.raises(ValueError, match="segment_bytes"):
+        staging.allreduce_staged(torch.ones(4), None, "ring", "avg", segment_bytes=0)
