@@ -1,0 +1,165 @@
+"""Point-to-point plumbing shared by mpilm's hand-written collectives (ring, rhd, tree).
+
+What it does:
+- ``private_comm(comm)``: a duplicate of ``comm`` cached on it as an MPI attribute, so the
+  collectives' messages live in their own context and can never match a user's receive (what MPI
+  libraries do internally for their own collectives). Freed with ``comm``.
+- ``Wire``: one tensor's zero-copy MPI view; ``wire.seg(lo, hi)`` is the ``[memory, count, type]``
+  spec of elements ``[lo, hi)`` (numpy slicing on CPU, tensor slicing on CUDA; no copies).
+- ``scratch(like, n, slot)``: segment-sized receive buffers (with their ``Wire``), allocated
+  once per (thread, device, dtype, slot) and grown only when a larger segment is asked for, so
+  hot paths do not allocate.
+- ``segments(lo, hi, seg)``: the one definition of how a range is cut into messages; sender and
+  receiver of a range both call it with the same arguments, so their messages match one to one.
+- ``send_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range sent as segments,
+  and a range received segment by segment into a small window of scratch buffers and added into
+  its destination while the next segments are still in flight.
+- ``finish(t, p, op)``: the divide of ``op="avg"``.
+- ``device_sync(t)``: waits for queued CUDA work on ``t`` before MPI reads or rewrites it.
+
+What it does not: choose algorithms (``collectives.py``), count nothing twice: every function
+that moves bytes returns ``(sent, received)`` and the algorithm adds the totals to
+``world.traffic`` once.
+
+Limits: messages on one private communicator are matched in posting order (MPI's non-overtaking
+rule), so a collective must not run concurrently with another one on the same communicator from a
+second thread (the same rule MPI applies to its own collectives).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from mpi4py import MPI
+
+from mpilm.comm import world
+
+# Receive window: how many segment receives are posted ahead of the one being added. Two is
+# double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
+RECV_WINDOW = 3
+
+_PRIVATE_KEYVAL = MPI.Comm.Create_keyval()
+
+
+def private_comm(comm: MPI.Comm) -> MPI.Comm:
+    """``comm``'s private duplicate for collective traffic (collective on first use per comm)."""
+    dup = comm.Get_attr(_PRIVATE_KEYVAL)
+    if dup is None:
+        dup = comm.Dup()  # collective over comm: every rank reaches its first collective together
+        comm.Set_attr(_PRIVATE_KEYVAL, dup)
+    return dup
+
+
+class Wire:
+    """Zero-copy MPI view of one contiguous tensor, sliced per message without touching torch."""
+
+    __slots__ = ("memory", "datatype", "itemsize")
+
+    def __init__(self, t: torch.Tensor):
+        self.memory, _, self.datatype = world.buf(t)
+        self.itemsize = t.element_size()
+
+    def seg(self, lo: int, hi: int) -> list:
+        return [self.memory[lo:hi], hi - lo, self.datatype]
+
+
+_local = threading.local()
+_MAX_CACHED_VIEWS = 256
+
+
+def scratch(like: torch.Tensor, n: int, slot: int = 0, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Wire]:
+    """A reusable ``n``-element buffer and its ``Wire``, for receives and staging.
+
+    One allocation per (thread, device, dtype, slot), grown when a larger ``n`` is asked for; the
+    ``n``-element view and its MPI spec are cached per size too, so a hot loop neither allocates
+    nor re-derives buffer specs. Per thread, so a communication thread and the main thread never
+    share a buffer.
+    """
+    dtype = dtype or like.dtype
+    views = getattr(_local, "views", None)
+    if views is None:
+        views = _local.views = {}
+        _local.bases = {}
+    key = (like.device, dtype, slot, n)
+    hit = views.get(key)
+    if hit is not None:
+        return hit
+    base_key = key[:3]
+    base = _local.bases.get(base_key)
+    if base is None or base.numel() < n:
+        base = _local.bases[base_key] = torch.empty(max(n, 1), dtype=dtype, device=like.device)
+        views.clear()  # views of the old allocation must not outlive it in the cache
+    if len(views) >= _MAX_CACHED_VIEWS:
+        views.clear()
+    view = base[:n]
+    hit = views[key] = (view, Wire(view))
+    return hit
+
+
+def segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into messages of ``seg`` elements (the last one shorter)."""
+    return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
+
+
+def device_sync(t: torch.Tensor) -> None:
+    """Wait until queued CUDA work has written ``t`` (MPI reads device memory behind torch's back)."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()  # device sync: MPI must see finished data
+
+
+def finish(t: torch.Tensor, p: int, op: str) -> torch.Tensor:
+    if op == "avg" and p > 1:
+        t.div_(p)
+    return t
+
+
+def check_op(op: str) -> None:
+    if op not in ("sum", "avg"):
+        raise ValueError(f"allreduce: op {op!r}: expected 'sum' or 'avg'")
+
+
+def send_segments(comm: MPI.Comm, peer: int, wire: Wire, lo: int, hi: int, seg: int, tag: int) -> list:
+    """Post nonblocking sends of ``[lo, hi)`` cut by ``segments``; the caller waits the requests."""
+    return [comm.Isend(wire.seg(a, b), peer, tag) for a, b in segments(lo, hi, seg)]
+
+
+def recv_reduce_segments(comm: MPI.Comm, peer: int, t: torch.Tensor, lo: int, hi: int, seg: int, tag: int) -> int:
+    """Receive ``[lo, hi)`` from ``peer`` as segments and add them into ``t[lo:hi]``; returns bytes.
+
+    At most ``RECV_WINDOW`` receives are in flight, each into its own scratch slot, so adding one
+    segment overlaps the arrival of the next and no temporary larger than a segment exists.
+    """
+    parts = segments(lo, hi, seg)
+    if not parts:
+        return 0
+    window = min(RECV_WINDOW, len(parts))
+    width = parts[0][1] - parts[0][0]
+    slots = [scratch(t, width, slot) for slot in range(window)]
+    reqs = [comm.Irecv(slots[i][1].seg(0, b - a), peer, tag) for i, (a, b) in enumerate(parts[:window])]
+    whole = len(parts) == 1 and lo == 0 and hi == t.numel()
+    for i, (a, b) in enumerate(parts):
+        k = i % window
+        reqs[k].Wait()  # blocks on peer: segment i has landed in slot k
+        incoming = slots[k][0]
+        (t if whole else t[a:b]).add_(incoming if b - a == width else incoming[: b - a])
+        nxt = i + window
+        if nxt < len(parts):
+            # on CUDA the add above is only queued: it must have read slot k before MPI refills it
+            device_sync(t)
+            na, nb = parts[nxt]
+            reqs[k] = comm.Irecv(slots[k][1].seg(0, nb - na), peer, tag)
+    return (hi - lo) * t.element_size()
+
+
+def exchange_reduce(comm: MPI.Comm, peer: int, t: torch.Tensor, wire: Wire,
+                    send: tuple[int, int], recv: tuple[int, int], seg: int, tag: int) -> tuple[int, int]:
+    """Send ``t[send]`` to ``peer`` while receiving ``peer``'s copy of ``t[recv]`` and adding it in.
+
+    The two ranges must not overlap (the send buffer stays untouched until its requests finish).
+    Returns ``(bytes sent, bytes received)``.
+    """
+    sends = send_segments(comm, peer, wire, send[0], send[1], seg, tag)
+    received = recv_reduce_segments(comm, peer, t, recv[0], recv[1], seg, tag)
+    MPI.Request.Waitall(sends)  # blocks on peer: our send buffer is reusable once it has taken it all
+    return (send[1] - send[0]) * wire.itemsize, received

@@ -1,0 +1,122 @@
+"""Rabenseifner's Allreduce: recursive-halving reduce-scatter + recursive-doubling allgather.
+
+Among a power-of-two group of p' ranks, the reduce-scatter takes lg p' steps: at step k a rank
+swaps half of its current range with the partner whose rank differs in bit k (highest bit first),
+keeps the half it owns and adds the partner's copy of it in. After lg p' steps rank i owns block
+i of p' equal blocks. The allgather retraces the steps in reverse, doubling the owned range each
+time (received straight into place, no copies).
+
+World sizes that are not a power of two fold in first (as MPICH does): with rem = p - p',
+each even rank below 2 rem sends its whole buffer to the odd rank above it, which adds it and
+stands for both; the even ranks sit out and get the result back at the end.
+
+Cost (alpha-beta-gamma, n bytes): 2 lg p' alpha + 2 (p'-1)/p' n beta + (p'-1)/p' n gamma, plus
+2 alpha + 2 n beta + n gamma on the fold-in pairs when p is not a power of two. So: the ring's
+bandwidth term with only 2 lg p' latency steps instead of 2(p-1), which makes it the choice for
+medium messages and for large ones at power-of-two p; the fold-in makes the ring better for very
+large messages at other world sizes.
+
+Every transfer that is added into the buffer moves as segments through a small window of
+cached scratch slots (``p2p.exchange_reduce``), so no temporary larger than a segment exists,
+also for the fold-in. Half types travel and add in their own type, as in the ring (see
+``ring.py``); results are bit-identical on all ranks (the allgather copies owners' bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+
+from mpilm.comm import p2p, world
+from mpilm.comm.collectives import shard_bounds
+from mpilm.comm.ring import _segment_elems
+
+_TAG_FOLD = 21
+_TAG_HALVING = 22
+_TAG_DOUBLING = 23
+_TAG_UNFOLD = 24
+
+
+def fold_in(p: int, r: int) -> tuple[int, int, int]:
+    """``(p', rem, newrank)`` for the power-of-two core; newrank is -1 for ranks that sit out."""
+    core = 1 << (p.bit_length() - 1)
+    rem = p - core
+    if r < 2 * rem:
+        return core, rem, (r // 2 if r % 2 else -1)
+    return core, rem, r - rem
+
+
+def core_to_rank(newrank: int, rem: int) -> int:
+    return 2 * newrank + 1 if newrank < rem else newrank + rem
+
+
+def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
+    """Rabenseifner Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
+    p2p.check_op(op)
+    p = comm.Get_size()
+    n = t.numel()
+    if p == 1 or n == 0:
+        return p2p.finish(t, p, op)
+    comm = p2p.private_comm(comm)
+    r = comm.Get_rank()
+    seg = _segment_elems(t, segment_bytes)
+    wire = p2p.Wire(t)
+    nbytes = n * wire.itemsize
+    core, rem, newrank = fold_in(p, r)
+    sent = received = 0
+    p2p.device_sync(t)  # CUDA: the input must be written before MPI reads it
+
+    # fold-in: the even rank of each of the first rem pairs hands its whole vector to the odd one
+    if r < 2 * rem:
+        if newrank < 0:
+            reqs = p2p.send_segments(comm, r + 1, wire, 0, n, seg, _TAG_FOLD)
+            MPI.Request.Waitall(reqs)  # blocks on r+1 taking our vector
+            sent += nbytes
+        else:
+            received += p2p.recv_reduce_segments(comm, r - 1, t, 0, n, seg, _TAG_FOLD)
+
+    if newrank >= 0:
+        # recursive halving: owned block range [lo_block, hi_block) of core blocks halves each step
+        lo_block, hi_block = 0, core
+        mask = core >> 1
+        while mask:
+            partner = core_to_rank(newrank ^ mask, rem)
+            mid_block = (lo_block + hi_block) // 2
+            lower = _block_range(n, core, lo_block, mid_block - lo_block)
+            upper = _block_range(n, core, mid_block, hi_block - mid_block)
+            keep_lower = not newrank & mask
+            keep, give = (lower, upper) if keep_lower else (upper, lower)
+            s, rcv = p2p.exchange_reduce(comm, partner, t, wire, send=give, recv=keep, seg=seg, tag=_TAG_HALVING)
+            p2p.device_sync(t)  # CUDA: the adds into `keep` must land before it is sent next step
+            sent += s
+            received += rcv
+            lo_block, hi_block = (lo_block, mid_block) if keep_lower else (mid_block, hi_block)
+            mask >>= 1
+
+        # recursive doubling: swap owned ranges with the partner, received straight into place
+        mask = 1
+        while mask < core:
+            partner_new = newrank ^ mask
+            partner = core_to_rank(partner_new, rem)
+            mine = _block_range(n, core, (newrank // mask) * mask, mask)
+            theirs = _block_range(n, core, (partner_new // mask) * mask, mask)
+            comm.Sendrecv(wire.seg(*mine), partner, _TAG_DOUBLING,
+                          wire.seg(*theirs), partner, _TAG_DOUBLING)  # blocks on partner
+            sent += (mine[1] - mine[0]) * wire.itemsize
+            received += (theirs[1] - theirs[0]) * wire.itemsize
+            mask <<= 1
+
+    # unfold: the odd rank of each pair returns the finished vector to its even partner
+    if r < 2 * rem:
+        if newrank < 0:
+            comm.Recv(wire.seg(0, n), r + 1, _TAG_UNFOLD)  # blocks on r+1 finishing the reduction
+            received += nbytes
+        else:
+            comm.Send(wire.seg(0, n), r - 1, _TAG_UNFOLD)  # blocks until r-1 has taken it
+            sent += nbytes
+    world.traffic.add(sent=sent, received=received)
+    return p2p.finish(t, p, op)
+
+
+def _block_range(n: int, core: int, first_block: int, nblocks: int) -> tuple[int, int]:
+    return shard_bounds(n, core, first_block)[0], shard_bounds(n, core, first_block + nblocks - 1)[1]
