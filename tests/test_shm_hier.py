@@ -134,9 +134,15 @@ def test_shm_length_mismatch_raises_on_every_rank():
     comm = _world()
     if comm.Get_size() < 2:
         pytest.skip("needs two ranks")
-    shm.allreduce(torch.ones(4096), comm)  # scratch big enough: no rank grows a window below
+    # checked before any rank grows its scratch window for a larger length, so no hang either way
+    for length in (100, 10**6):
+        with pytest.raises(ValueError, match="different collectives"):
+            shm.allreduce(torch.ones(length + comm.Get_rank()), comm)
     with pytest.raises(ValueError, match="different collectives"):
-        shm.allreduce(torch.ones(100 + comm.Get_rank()), comm)
+        if comm.Get_rank() == 0:
+            shm.reduce_scatter(torch.ones(64), comm)
+        else:
+            shm.allgather(torch.ones(64), comm)
     x = torch.ones(64)  # and the group still works afterwards
     shm.allreduce(x, comm, op="sum")
     assert torch.equal(x, torch.full((64,), float(comm.Get_size())))

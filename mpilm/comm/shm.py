@@ -3,29 +3,33 @@
 How one call works, for the p ranks of one node (``world.node_comm(comm)``; fake nodes from
 ``MPILM_RANKS_PER_NODE`` are honoured):
 
-1. every rank publishes where its input lies (its own segment of a shared window, at which
-   offset), its length and dtype in a small shared *control block*, and arrives at sync 1;
-2. a rank whose buffer is ordinary private memory copies it into its segment of a persistent
-   shared *scratch* window (the slices its peers will read), then arrives at sync 2 (skipped when
-   every rank's buffer already lies in a shared window: see ``alloc_shared_buffer``);
-3. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory: plain
-   loads from the peers' segments, summed into its own segment (fp32 accumulation for float16
-   and bfloat16), divided by p for ``avg``; arrives at sync 3;
-4. every rank copies the p-1 reduced slices of its peers back into its buffer (and its own, if
-   its buffer is private); when some rank's buffer is a shared buffer that its owner will write
-   again right after the call, a last sync 4 keeps it from doing so while peers still read it.
+1. a rank whose buffer is ordinary private memory copies the slices its peers will read into its
+   segment of a persistent shared *scratch* window (nothing to copy when the buffer already lies
+   in a shared window: see ``alloc_shared_buffer``); it describes the call (kind, length, dtype,
+   where its input lies) in a small shared *control block* and arrives at sync 1. A mismatch
+   between ranks' calls raises ValueError on every rank instead of corrupting data or hanging;
+2. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory: plain
+   loads from their segments, summed into its own segment (fp32 accumulation for float16 and
+   bfloat16), divided by p for ``avg``; arrives at sync 2;
+3. every rank copies the p-1 reduced slices of its peers back into its buffer (and its own, if
+   its buffer is private). When some rank's buffer is a shared buffer, which its owner may write
+   again as soon as the call returns, a sync 3 holds everyone until all peers have read it.
+So a call costs two syncs (one for each half, ``reduce_scatter`` and ``allgather``): the scratch
+window has two halves used by alternate calls, so a rank may start copying in call k+1 while a
+slow peer still copies results out of call k (it can never be two calls behind: it would not
+have passed sync 1 of call k+1).
 
 Synchronisation uses the window's own primitives: all windows stay in one ``Lock_all`` passive
 epoch, every sync is ``Win.Sync`` (a memory barrier) + an arrival counter in the shared control
 block + ``Win.Sync``, and a rank waits by polling its peers' counters (a short spin, then
 yielding the CPU and the GIL, so oversubscribed runs and communication threads still progress).
-That is an order of magnitude cheaper than ``MPI_Barrier`` here (about 1 us against 9 us), which
-is what makes ``shm`` beat the library's allreduce from 64 KiB up.
+That is several times cheaper than ``MPI_Barrier`` here (about 1-2 us against 9 us), which is
+what lets ``shm`` beat the library's allreduce from 64 KiB up.
 
-Windows are collective objects, cached per node communicator; the scratch window is reused by
-every call and replaced by one twice as large (the old one freed with ``Win.Free``) only when a
-larger buffer arrives, so any number of calls of varying sizes keep memory bounded. Everything
-left is freed at interpreter exit while MPI is still up.
+Windows are collective objects, cached per node communicator; the scratch window (2 x the
+largest buffer seen) is reused by every call and replaced by one twice as large (the old one
+freed with ``Win.Free``) only when a larger buffer arrives, so any number of calls of varying
+sizes keep memory bounded. Everything left is freed at interpreter exit while MPI is still up.
 
 Element-wise work goes through numpy views of the window memory for float32/float64/float16:
 at 64 KiB the cost of a call is dominated by per-op overhead, and numpy's slicing and ufunc
@@ -37,8 +41,7 @@ Limits:
 - host memory only: CUDA tensors are handed to the device ring (``collectives.allreduce(...,
   "ring")``, which stages through pinned host buffers when MPI is not CUDA-aware); CUDA IPC
   between GPUs of a node is not implemented;
-- every rank must pass the same length and dtype (checked: a mismatch raises ValueError on every
-  rank, as long as no rank had to grow its windows for a larger length first);
+- every rank must pass the same length and dtype (checked: a mismatch raises ValueError);
 - shared-memory loads are not network traffic: ``world.traffic`` is left untouched (the only MPI
   calls are the collective window creations).
 """
@@ -48,7 +51,6 @@ from __future__ import annotations
 import atexit
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,15 +65,22 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 
 MIN_SCRATCH_BYTES = 1 << 20  # first scratch window; later ones double
 REDUCE_BLOCK = 1 << 16  # elements summed per pass when > 2 inputs, so the accumulator stays in L2
-SPIN_TIGHT_S = 50e-6  # poll without yielding for this long (holds the GIL: keep it short)
-SPIN_YIELD_S = 2e-3  # then poll with time.sleep(0) (yields CPU and GIL), then sleep SPIN_SLEEP_S
+SPIN_TIGHT_S = 200e-6  # poll without yielding for this long (holds the GIL: keep it short)
+SPIN_YIELD_S = 2e-3  # then poll with os.sched_yield (yields CPU and GIL), then sleep SPIN_SLEEP_S
 SPIN_SLEEP_S = 20e-6
 
-# control block: one 128-byte slot (two cache lines) of int64 words per node rank
+# control block: one 128-byte slot (two cache lines) of int64 words per node rank: the arrival
+# counter, then two copies of the call description, used by alternate calls (a fast rank may
+# describe call k+1 while a slow peer still reads call k; it cannot get further ahead)
 _SLOT_WORDS = 16
-_ARRIVED, _WINDOW, _OFFSET, _NUMEL, _DTYPE, _KIND = range(6)
+_ARRIVED = 0
+_WINDOW, _OFFSET, _NUMEL, _DTYPE, _KIND = range(5)  # words of one call description
+_DESCRIPTION_BASE = (2, 8)  # where the two descriptions start in a slot
 _SCRATCH = -1  # _WINDOW value: the input was copied into the scratch window
+_GROW = -2  # _WINDOW value: the scratch window is too small, every rank must grow it first
 _KINDS = {"allreduce": 1, "reduce_scatter": 2, "allgather": 3}
+_KIND_NAMES = {code: name for name, code in _KINDS.items()}
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
 
 
 class _SharedWindow:
@@ -112,14 +121,6 @@ class _SharedWindow:
         self.win.Free()  # collective: returns once every node rank has let go of the window
 
 
-@dataclass
-class _Input:
-    """Where one rank's input lies, as published in its control slot."""
-
-    window: int  # index into _NodeGroup.buffers, or _SCRATCH
-    offset: int  # element offset of the input in that rank's segment
-
-
 class _NodeGroup:
     """Shared state of the ranks of one node communicator: control block, scratch, user buffers."""
 
@@ -138,22 +139,22 @@ class _NodeGroup:
         node.Barrier()  # blocks until node rank 0 has zeroed the control block
         self.control.win.Sync()
         self.arrivals = 0
+        self.calls = 0  # parity picks the scratch half a call copies into
         self.scratch: _SharedWindow | None = None
         self.buffers: dict[int, _SharedWindow] = {}  # alloc_shared_buffer windows, by id
         self.next_buffer_id = 0
         self.accumulator: torch.Tensor | None = None  # private fp32 sums for half types
 
     # ---------------------------------------------------------------- synchronisation
-    def _fence(self, windows) -> None:
+    def _fence(self) -> None:
         # Win.Sync is MPI's memory barrier for the unified model: our stores to shared memory
         # become visible before the counter store, and peers' loads happen after seeing it
-        self.control.win.Sync()
-        for win in windows:
-            win.win.Sync()
+        for window in self.windows():
+            window.win.Sync()
 
-    def arrive_and_wait(self, windows=()) -> None:
+    def arrive_and_wait(self) -> None:
         """Sync point: publish this rank's arrival, wait for every node peer to arrive too."""
-        self._fence(windows)
+        self._fence()
         self.arrivals += 1
         target = self.arrivals
         slots = self.slots
@@ -162,44 +163,47 @@ class _NodeGroup:
             word = q * _SLOT_WORDS + _ARRIVED
             if slots[word] >= target:
                 continue
-            # blocks until node peer q arrives: spin briefly, then yield the CPU and the GIL
+            # blocks until node peer q arrives: spin briefly, then yield the CPU (and the GIL:
+            # os.sched_yield releases it), then sleep, so oversubscribed ranks still progress
             start = time.perf_counter()
             while slots[word] < target:
                 waited = time.perf_counter() - start
                 if waited > SPIN_YIELD_S:
                     time.sleep(SPIN_SLEEP_S)
                 elif waited > SPIN_TIGHT_S:
-                    time.sleep(0)
-        self._fence(windows)
+                    os.sched_yield()
+        self._fence()
 
-    def publish(self, where: _Input | None, numel: int, dtype: torch.dtype, kind: int) -> None:
-        base = self.me * _SLOT_WORDS
+    def publish(self, where: tuple[int, int], numel: int, dtype: torch.dtype, kind: int) -> None:
+        """Describe this call (``self.calls`` parity picks the copy) for the peers to check and read."""
+        base = self.me * _SLOT_WORDS + _DESCRIPTION_BASE[self.calls & 1]
         slots = self.slots
-        slots[base + _WINDOW] = _SCRATCH if where is None else where.window
-        slots[base + _OFFSET] = 0 if where is None else where.offset
+        slots[base + _WINDOW], slots[base + _OFFSET] = where
         slots[base + _NUMEL] = numel
         slots[base + _DTYPE] = _DTYPE_CODES[dtype]
         slots[base + _KIND] = kind
 
-    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> list[_Input]:
-        """Every rank's published input; ValueError (on every rank alike) if the calls differ."""
+    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> list[tuple[int, int]]:
+        """Every rank's published (window, offset); ValueError on every rank alike if calls differ."""
+        slots, expected = self.slots, (numel, _DTYPE_CODES[dtype], kind)
+        which = _DESCRIPTION_BASE[self.calls & 1]
         inputs = []
         for q in range(self.p):
-            base = q * _SLOT_WORDS
-            signature = (self.slots[base + _NUMEL], self.slots[base + _DTYPE], self.slots[base + _KIND])
-            if signature != (numel, _DTYPE_CODES[dtype], kind):
-                calls = [
-                    f"node rank {r}: kind {self.slots[r * _SLOT_WORDS + _KIND]}, "
-                    f"{self.slots[r * _SLOT_WORDS + _NUMEL]} elements, dtype code {self.slots[r * _SLOT_WORDS + _DTYPE]}"
+            base = q * _SLOT_WORDS + which
+            if (slots[base + _NUMEL], slots[base + _DTYPE], slots[base + _KIND]) != expected:
+                calls = "; ".join(
+                    f"node rank {r}: {_KIND_NAMES.get(slots[r * _SLOT_WORDS + which + _KIND], '?')} of "
+                    f"{slots[r * _SLOT_WORDS + which + _NUMEL]} x "
+                    f"{_DTYPE_NAMES.get(slots[r * _SLOT_WORDS + which + _DTYPE], '?')}"
                     for r in range(self.p)
-                ]
-                raise ValueError("shm: ranks of a node called different collectives: " + "; ".join(calls))
-            inputs.append(_Input(self.slots[base + _WINDOW], self.slots[base + _OFFSET]))
+                )
+                raise ValueError(f"shm: the ranks of a node called different collectives ({calls})")
+            inputs.append((slots[base + _WINDOW], slots[base + _OFFSET]))
         return inputs
 
     # ---------------------------------------------------------------- memory
-    def locate(self, buf: torch.Tensor) -> _Input | None:
-        """The shared buffer window ``buf`` lies in (this rank's segment), or None if private."""
+    def locate(self, buf: torch.Tensor) -> tuple[int, int] | None:
+        """(window id, element offset) of ``buf`` in a shared buffer of this rank, else None."""
         if not self.buffers:
             return None
         address, nbytes = buf.data_ptr(), buf.numel() * buf.element_size()
@@ -208,19 +212,35 @@ class _NodeGroup:
             if base <= address and address + nbytes <= base + window.nbytes:
                 if (address - base) % buf.element_size():
                     return None
-                return _Input(window_id, (address - base) // buf.element_size())
+                return window_id, (address - base) // buf.element_size()
         return None
 
-    def ensure_scratch(self, nbytes: int) -> None:
-        """Collective: grow the scratch window geometrically (all ranks decide alike)."""
-        if self.scratch is not None and self.scratch.nbytes >= nbytes:
-            return
-        capacity = max(nbytes, MIN_SCRATCH_BYTES, 2 * self.scratch.nbytes if self.scratch else 0)
-        capacity = -(-capacity // 4096) * 4096
+    def copy_in(self, local, n: int, size: int, lo: int, hi: int, reduce: bool, dtype, as_numpy) -> tuple[int, int]:
+        """Copy what the peers will read into this call's scratch half; (_GROW, 0) if it is too small.
+
+        Scratch halves alternate between calls: a peer may still copy results out of the half
+        of the previous call, but never out of the one before (it passed our sync 1 since).
+        """
+        half_bytes = self.scratch.nbytes // 2 if self.scratch is not None else 0
+        if n * size > half_bytes:
+            return _GROW, 0
+        offset = (self.calls & 1) * (half_bytes // size)
+        segment = self.scratch.segment(self.me, dtype, as_numpy)[offset : offset + n]
+        if reduce:  # the peers read the slices they reduce: all but mine
+            _copy(segment[:lo], local[:lo])
+            _copy(segment[hi:], local[hi:])
+        else:  # the peers gather my slice
+            _copy(segment[lo:hi], local[lo:hi])
+        return _SCRATCH, offset
+
+    def grow_scratch(self, nbytes: int) -> None:
+        """Collective: replace the scratch window by one with two halves of >= nbytes each."""
+        half = max(nbytes, MIN_SCRATCH_BYTES // 2, self.scratch.nbytes if self.scratch else 0)
+        half = -(-half // 4096) * 4096
         if self.scratch is not None:
-            self.scratch.free()  # collective; no peer reads it: all passed sync 1 of this call
+            self.scratch.free()  # collective; nobody reads it: all ranks passed sync 1 of this call
             self.scratch = None
-        self.scratch = _SharedWindow(self.node, capacity)
+        self.scratch = _SharedWindow(self.node, 2 * half)
 
     def accumulator_for(self, numel: int) -> torch.Tensor:
         if self.accumulator is None or self.accumulator.numel() < numel:
@@ -239,63 +259,61 @@ class _NodeGroup:
 
     # ---------------------------------------------------------------- the collective
     def run(self, buf: torch.Tensor, kind: str, bounds: list[tuple[int, int]], divisor: int, between=None):
-        """Reduce slice ``bounds[me]`` (``reduce``), and/or gather every slice (``gather``), in place.
+        """Reduce this rank's region ``bounds[me]`` and/or gather every region, in place.
 
-        ``between(region)``, if given, runs on this rank's reduced region (a CPU torch tensor in
-        shared memory) before the peers read it: ``hier`` puts its inter-node allreduce there.
+        ``kind``: ``allreduce`` (both), ``reduce_scatter`` (reduce into ``buf[lo:hi]`` only) or
+        ``allgather`` (gather only). ``between(region)``, if given, runs on this rank's reduced
+        region (a CPU torch tensor in shared memory) before the peers read it: ``hier`` puts its
+        inter-node allreduce there.
         """
-        reduce = kind in ("allreduce", "reduce_scatter")
-        gather = kind in ("allreduce", "allgather")
-        n, dtype = buf.numel(), buf.dtype
+        reduce = kind != "allgather"
+        gather = kind != "reduce_scatter"
+        n, dtype, size, code = buf.numel(), buf.dtype, buf.element_size(), _KINDS[kind]
         as_numpy = dtype in _NUMPY_DTYPES
         local = buf.numpy() if as_numpy else buf
-        mine = self.locate(buf)
-
-        # sync 1: everyone's input is complete and its location published
-        self.publish(mine, n, dtype, _KINDS[kind])
-        self.arrive_and_wait([self.buffers[mine.window]] if mine is not None else [])
-        inputs = self.read_inputs(n, dtype, _KINDS[kind])
-        any_private = any(m.window == _SCRATCH for m in inputs)
-        any_shared = any(m.window != _SCRATCH for m in inputs)
-        if any_private:
-            self.ensure_scratch(n * buf.element_size())
-        involved = [self.scratch] if any_private else []
-        involved += [self.buffers[w] for w in sorted({m.window for m in inputs if m.window != _SCRATCH})]
-        data = [self._data(q, inputs[q], n, dtype, as_numpy) for q in range(self.p)]
         lo, hi = bounds[self.me]
-
-        if any_private:
-            if mine is None:
-                # copy in what the peers will read: the others' slices (reduce), or my own (gather)
-                if reduce:
-                    _copy(data[self.me][:lo], local[:lo])
-                    _copy(data[self.me][hi:], local[hi:])
-                else:
-                    _copy(data[self.me][lo:hi], local[lo:hi])
-            self.arrive_and_wait(involved)  # sync 2: every input is readable
+        mine = self.locate(buf)
+        self.calls += 1  # its parity picks this call's scratch half and description copy
+        if mine is None:
+            mine = self.copy_in(local, n, size, lo, hi, reduce, dtype, as_numpy)
+        self.publish(mine, n, dtype, code)
+        self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
+        inputs = self.read_inputs(n, dtype, code)
+        if any(window == _GROW for window, _ in inputs):
+            # some scratch was too small; capacities are equal on all ranks, so all grow together
+            self.grow_scratch(n * size)
+            if mine[0] == _GROW:
+                mine = self.copy_in(local, n, size, lo, hi, reduce, dtype, as_numpy)
+            self.publish(mine, n, dtype, code)
+            self.arrive_and_wait()  # sync 1 again, now with every input in place
+            inputs = self.read_inputs(n, dtype, code)
+        any_shared = any(window != _SCRATCH for window, _ in inputs)
+        data = [self._data(q, inputs[q], n, dtype, as_numpy) for q in range(self.p)]
 
         if reduce:
-            # the result goes where peers can read it (allreduce) or straight into buf (reduce_scatter)
+            # the result goes where peers read it (allreduce) or straight into buf (reduce_scatter)
             target = data[self.me][lo:hi] if gather else local[lo:hi]
             sources = [local[lo:hi]] + [data[q][lo:hi] for q in self.peers]
             self._reduce(target, sources, divisor, wide=dtype in (torch.float16, torch.bfloat16))
             if between is not None:
                 between(torch.from_numpy(target) if as_numpy else target)
-            self.arrive_and_wait(involved)  # sync 3: every reduced slice is ready, inputs are read
+            if gather or any_shared:
+                self.arrive_and_wait()  # sync 2: reduced regions ready, the inputs all read
 
         if gather:
             for q in self.peers:
                 q_lo, q_hi = bounds[q]
                 _copy(local[q_lo:q_hi], data[q][q_lo:q_hi])
-            if reduce and mine is None:
+            if reduce and mine[0] == _SCRATCH:
                 _copy(local[lo:hi], data[self.me][lo:hi])
             if any_shared:
-                self.arrive_and_wait(involved)  # sync 4: shared buffers are free for their owners
+                self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
         return buf
 
-    def _data(self, q: int, where: _Input, n: int, dtype: torch.dtype, as_numpy: bool):
-        window = self.scratch if where.window == _SCRATCH else self.buffers[where.window]
-        return window.segment(q, dtype, as_numpy)[where.offset : where.offset + n]
+    def _data(self, q: int, where: tuple[int, int], n: int, dtype: torch.dtype, as_numpy: bool):
+        window_id, offset = where
+        window = self.scratch if window_id == _SCRATCH else self.buffers[window_id]
+        return window.segment(q, dtype, as_numpy)[offset : offset + n]
 
     def _reduce(self, target, sources, divisor: int, wide: bool) -> None:
         """target = sum(sources) / divisor, element-wise; fp32 sums when ``wide`` (half types)."""
@@ -469,4 +487,4 @@ def free_shared_buffer(tensor: torch.Tensor, comm: MPI.Comm | None = None) -> No
     where = group.locate(tensor)
     if where is None:
         raise ValueError("free_shared_buffer: tensor does not lie in a buffer from alloc_shared_buffer")
-    group.buffers.pop(where.window).free()  # collective over the node
+    group.buffers.pop(where[0]).free()  # collective over the node
