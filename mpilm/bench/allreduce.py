@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import collectives, tuning, world
+from mpilm.comm import collectives, ring, tuning, world
 from mpilm.errors import UsageError
 
 DESCRIPTION = "allreduce bandwidth/latency sweep of every algorithm vs MPI_Allreduce (nccl-tests style)"
@@ -224,10 +224,16 @@ def run(args) -> None:
     _check_writable(args)
     if args.tuning_file is not None:
         tuning.use_file(args.tuning_file)
+    default_segment = ring.SEGMENT_BYTES
     if settings["segment"] is not None:
-        from mpilm.comm import ring
-
         ring.SEGMENT_BYTES = settings["segment"]
+    try:
+        _sweep(args, settings)
+    finally:
+        ring.SEGMENT_BYTES = default_segment
+
+
+def _sweep(args, settings: dict) -> None:
     world.pick_device("cpu")  # one torch thread per core share, as the trainer runs
     comm = world.WORLD
     p = comm.Get_size()
@@ -237,7 +243,7 @@ def run(args) -> None:
     rpn = tuning.ranks_per_node(comm)
     world.say(f"# mpilm allreduce: {p} ranks ({rpn} per node), {dtype_label}, op sum, "
               f"median of {args.iters} iterations after {args.warmup} warm-up, time = slowest rank")
-    world.say(f"# {world.library_version()}; ring segment {human_bytes(_segment_bytes())}"
+    world.say(f"# {world.library_version()}; ring segment {human_bytes(ring.SEGMENT_BYTES)}"
               + ("; --tune: timing candidates, auto not run" if args.tune else ""))
     if args.iters < RECOMMENDED_ITERS:
         world.say(f"# note: --iters {args.iters} < {RECOMMENDED_ITERS}: smoke-test numbers, do not quote them")
@@ -295,7 +301,3 @@ def run(args) -> None:
             world.say(f"# wrote {args.plot}")
 
 
-def _segment_bytes() -> int:
-    from mpilm.comm import ring
-
-    return ring.SEGMENT_BYTES

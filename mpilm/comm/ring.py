@@ -49,25 +49,65 @@ def _segment_elems(t: torch.Tensor, segment_bytes: int | None) -> int:
     return max(1, size // t.element_size())
 
 
+class _Plan:
+    """What both halves need to know about one call: computed once per allreduce."""
+
+    __slots__ = ("p", "r", "right", "left", "seg", "wire", "chunk")
+
+    def __init__(self, t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None):
+        self.p, self.r = comm.Get_size(), comm.Get_rank()
+        self.right, self.left = (self.r + 1) % self.p, (self.r - 1) % self.p
+        self.seg = _segment_elems(t, segment_bytes)
+        self.wire = p2p.Wire(t)
+        n = t.numel()
+        self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]
+
+
 def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
     """Sum ``t`` over ``comm`` so that rank r's ``shard_bounds`` slice holds the total (in place).
 
     The other slices are left holding partial sums. ``comm`` must be the private communicator.
     """
-    p, r = comm.Get_size(), comm.Get_rank()
-    n = t.numel()
-    if p == 1 or n == 0:
+    if comm.Get_size() == 1 or t.numel() == 0:
         return
-    seg = _segment_elems(t, segment_bytes)
-    right, left = (r + 1) % p, (r - 1) % p
-    wire = p2p.Wire(t)
-    chunk = [shard_bounds(n, p, c) for c in range(p)]
+    sent, received = _reduce_scatter(t, comm, _Plan(t, comm, segment_bytes))
+    world.traffic.add(sent=sent, received=received)
 
+
+def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
+    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r), in place.
+
+    ``comm`` must be the private communicator.
+    """
+    if comm.Get_size() == 1 or t.numel() == 0:
+        return
+    sent, received = _allgather(t, comm, _Plan(t, comm, segment_bytes))
+    world.traffic.add(sent=sent, received=received)
+
+
+def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
+    """Ring Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
+    p2p.check_op(op)
+    p = comm.Get_size()
+    if p == 1 or t.numel() == 0:
+        return p2p.finish(t, p, op)
+    private = p2p.private_comm(comm)
+    plan = _Plan(t, private, segment_bytes)
+    sent, received = _reduce_scatter(t, private, plan)
+    more_sent, more_received = _allgather(t, private, plan)
+    world.traffic.add(sent=sent + more_sent, received=received + more_received)
+    return p2p.finish(t, p, op)
+
+
+def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
+    p, r, seg, wire, chunk = plan.p, plan.r, plan.seg, plan.wire, plan.chunk
+    right, left = plan.right, plan.left
     # every (step, segment) this rank receives, in the order its left neighbour sends them
     units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 2) % p], seg)]
     p2p.device_sync(t)  # CUDA: the gradients must be written before MPI reads them
-    sends = p2p.send_segments(comm, right, wire, *chunk[(r - 1) % p], seg, _TAG_REDUCE_SCATTER)
-    sent = (chunk[(r - 1) % p][1] - chunk[(r - 1) % p][0]) * wire.itemsize
+    first = chunk[(r - 1) % p]
+    sends = p2p.send_segments(comm, right, wire, first[0], first[1], seg, _TAG_REDUCE_SCATTER)
+    sent = (first[1] - first[0]) * wire.itemsize
     received = 0
     if units:
         window = min(p2p.RECV_WINDOW, len(units))
@@ -92,26 +132,19 @@ def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | Non
                 _, na, nb = units[nxt]
                 recvs[k] = comm.Irecv(slots[k][1].seg(0, nb - na), left, _TAG_REDUCE_SCATTER)
     MPI.Request.Waitall(sends)  # blocks on the right neighbour: it has taken every segment we sent
-    world.traffic.add(sent=sent, received=received)
+    return sent, received
 
 
-def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
-    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r), in place."""
-    p, r = comm.Get_size(), comm.Get_rank()
-    n = t.numel()
-    if p == 1 or n == 0:
-        return
-    seg = _segment_elems(t, segment_bytes)
-    right, left = (r + 1) % p, (r - 1) % p
-    wire = p2p.Wire(t)
-    chunk = [shard_bounds(n, p, c) for c in range(p)]
-
+def _allgather(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
+    p, r, seg, wire, chunk = plan.p, plan.r, plan.seg, plan.wire, plan.chunk
+    right, left = plan.right, plan.left
     # receives land directly in their final place; post them all before anything can arrive late
     units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 1) % p], seg)]
     recvs = [comm.Irecv(wire.seg(a, b), left, _TAG_ALLGATHER) for _, a, b in units]
     p2p.device_sync(t)  # CUDA: our own slice must be final before MPI reads it
-    sends = p2p.send_segments(comm, right, wire, *chunk[r], seg, _TAG_ALLGATHER)
-    sent = (chunk[r][1] - chunk[r][0]) * wire.itemsize
+    own = chunk[r]
+    sends = p2p.send_segments(comm, right, wire, own[0], own[1], seg, _TAG_ALLGATHER)
+    sent = (own[1] - own[0]) * wire.itemsize
     # segments of the last step are only received, not forwarded: wait for them in one call
     forwarded = sum(1 for s, _, _ in units if s < p - 2)
     for i in range(forwarded):
@@ -119,16 +152,7 @@ def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None)
         recvs[i].Wait()  # blocks on the left neighbour: segment i is in place
         sends.append(comm.Isend(wire.seg(a, b), right, _TAG_ALLGATHER))
         sent += (b - a) * wire.itemsize
-    MPI.Request.Waitall(recvs[forwarded:])  # blocks on the left neighbour: the last step has landed
-    MPI.Request.Waitall(sends)  # blocks on the right neighbour
+    # blocks on both neighbours: the last step has landed and the right one took all we sent
+    MPI.Request.Waitall(recvs[forwarded:] + sends)
     received = sum(b - a for _, a, b in units) * wire.itemsize
-    world.traffic.add(sent=sent, received=received)
-
-
-def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
-    """Ring Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
-    p2p.check_op(op)
-    private = p2p.private_comm(comm)
-    reduce_scatter_sum(t, private, segment_bytes)
-    allgather(t, private, segment_bytes)
-    return p2p.finish(t, comm.Get_size(), op)
+    return sent, received
