@@ -84,6 +84,8 @@ class TrainConfig:
     log_every: int = opt(10, "print and record metrics every N steps", check=positive)
     sample: int = opt(0, "print N generated characters from rank 0 at the end", check=non_negative)
     out: str | None = opt(None, "output directory (default: runs/<timestamp>)")
+    trace: str | None = opt(None, "write a Chrome trace (open in ui.perfetto.dev or chrome://tracing) of every rank's phases and per-bucket collectives to this JSON file")
+    trace_steps: int = opt(20, "how many steps --trace records, from the first (bounds its memory and file size)", check=positive)
 
     # ---- derived helpers
     @property

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mpilm import checkpoint, config, data, models, optim
 from mpilm.comm import collectives, world
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
-from mpilm.timing import PHASES, PhaseTimer, format_table
+from mpilm.timing import PHASES, PhaseTimer, Tracer, format_run_metrics, format_table, run_metrics
 
 
 def train_step(model, grads: GradBuffer, optimizer, get_batch, accum: int, timer: PhaseTimer, *,
@@ -102,7 +102,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device)  # SYNC: map check
     optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
-    timer = PhaseTimer(device)
+    tracer = Tracer(rank, cfg.trace_steps) if cfg.trace else None
+    timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
     out = Path(cfg.out)
 
     if rank == 0:
@@ -133,6 +134,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     val_loss = first_val
     losses: list[torch.Tensor] = []
     bar = tqdm(total=cfg.steps, disable=rank != 0 or not sys.stderr.isatty(), leave=False, unit="step")
+    if tracer is not None:
+        tracer.start(comm, cfg.trace)  # SYNC: a Barrier gives every rank's trace clock the same zero
     t_run = time.perf_counter()
     for step in range(cfg.steps):
         timer.begin_step(step)
@@ -161,7 +164,10 @@ def run(argv: list[str] | None = None) -> dict | None:
                           f"{val_loss / math.log(2):.3f} bits/byte")
     bar.close()
     wall = time.perf_counter() - t_run
-    return _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast)
+    if tracer is not None and tracer.finish(comm, cfg.trace):  # SYNC: gathers every rank's events to rank 0
+        print(f"trace of steps 0-{min(cfg.steps, cfg.trace_steps) - 1}: {cfg.trace} (open in ui.perfetto.dev)")
+    return _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast,
+                   gradient_bytes=sum(b.nbytes for b in grads.buckets))
 
 
 def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_per_step: int) -> dict:
@@ -173,7 +179,8 @@ def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_pe
     return record
 
 
-def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast) -> dict | None:
+def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast,
+            gradient_bytes: int = 0) -> dict | None:
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     summary = timer.summary()
     tail = losses[-min(len(losses), cfg.log_every):]
@@ -183,8 +190,12 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
     # SYNC: run-level figures averaged over ranks
     final_train, compute, comm_s, comm_total = mean_over_ranks(
         comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total])
-    step_mean = summary["step"]["mean"]
-    tokens_per_s = cfg.tokens_per_step_per_rank * n_ranks / step_mean
+    stats = timer.rank_stats()
+    # SYNC: per-step means (time, bytes) averaged over ranks
+    stats = dict(zip(stats, mean_over_ranks(comm, list(stats.values()))))
+    perf = run_metrics(stats, world_size=n_ranks, tokens_per_step=cfg.tokens_per_step_per_rank * n_ranks,
+                       flops_per_token=model.flops_per_token(), payload_bytes=gradient_bytes, device=device)
+    tokens_per_s = perf["tokens_per_s"]
     result = {
         "final_train_loss": final_train,
         "initial_val_loss": first_val,
@@ -193,14 +204,11 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
         "val_bits_per_byte": val_loss / math.log(2),
         "steps": cfg.steps,
         "world_size": n_ranks,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_rank": tokens_per_s / n_ranks,
         "compute_s": compute,
         "comm_s": comm_s,
         "comm_total_s": comm_total,
-        "comm_compute_ratio": comm_s / compute if compute else 0.0,
         "wall_s": wall,
-        "model_flops_per_s": model.flops_per_token() * tokens_per_s,
+        **perf,  # tokens/s, FLOP/s, MFU, bytes per step, busbw, comm/compute (timing.run_metrics)
         "phases": summary,
     }
     if cfg.sample and rank == 0:
@@ -215,6 +223,7 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         checkpoint.save(out / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": cfg.steps})
         print(format_table(summary))
+        print(format_run_metrics(perf))
         print(f"done: val loss {first_val:.4f} -> {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte) | "
               f"{tokens_per_s:,.0f} tok/s | compute {compute:.1f}s, comm {comm_s:.1f}s "
               f"({comm_s / (compute + comm_s):.0%}) | {wall:.0f}s | {cfg.out}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from mpi4py import MPI
 
+from mpilm import timing
 from mpilm.comm import collectives, world
 
 
@@ -109,10 +110,13 @@ class GradBuffer:
         """
         t0 = time.perf_counter()
         for bucket in self.buckets:
-            if reduce_bucket is None:
-                collectives.allreduce(bucket.view, self.comm, algorithm, "avg")
-            else:
-                reduce_bucket(bucket.view, bucket.index)
+            # one trace event per bucket when a --trace is recording (a shared no-op otherwise)
+            with timing.traced("communication", f"allreduce b{bucket.index}", bucket=bucket.index,
+                               bytes=bucket.nbytes, algorithm=algorithm if reduce_bucket is None else "compressed"):
+                if reduce_bucket is None:
+                    collectives.allreduce(bucket.view, self.comm, algorithm, "avg")
+                else:
+                    reduce_bucket(bucket.view, bucket.index)
         return time.perf_counter() - t0
 
     def global_norm(self) -> torch.Tensor:

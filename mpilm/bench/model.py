@@ -1,0 +1,391 @@
+"""``python -m mpilm.bench model``: the alpha-beta cost model, fitted here, used to predict scaling.
+
+An allreduce of n bytes over p ranks costs ``a(p) alpha + b(p, n) beta``: alpha is the latency of
+one message, beta the inverse bandwidth (seconds per byte), and (a, b) count the messages and
+bytes on the algorithm's critical path (p' = largest power of two <= p; "fold" = p != p'):
+
+    ring   2(p-1) alpha + 2(p-1)/p n beta
+    rhd    (2 lg p' + 2 fold) alpha + (2(p'-1)/p' n + 2 n fold) beta     (mpi is fitted in this shape)
+    tree   (lg p' + 2 fold) (alpha + n beta)                             (recursive doubling)
+    topk   (p-1) alpha + (p-1) 8k beta     (allgather of k (fp32 value, int32 index) pairs per rank)
+
+1. Fit: ``--from allreduce.json[,more.json]`` (rows of ``python -m mpilm.bench allreduce --json``)
+   gives, per algorithm, alpha and beta by least squares on the relative error (so 4 KiB and
+   256 MiB points count alike), non-negative. ``--fit-np 2`` fits on those world sizes only; every
+   other measured world size is then predicted from that fit and the error is shown (validation).
+2. Predict: with the compute time of one step (``--compute-ms``, or ``--from-summary`` a training
+   run's summary.json, which also gives the gradient bytes and bucket size) the step time at N
+   ranks is compute + the sum over gradient buckets of the allreduce time (mpilm reduces after
+   backward, so nothing overlaps), and the weak-scaling efficiency is compute / step. For N = 2,
+   4, ... ``--max-np`` it prints each algorithm's step time and efficiency and which one wins.
+   ``--alpha 2us --bandwidth 25GB/s`` replaces the fitted numbers by a given network (one link
+   model for every algorithm; either alone replaces just that one). top-k uses the ring's fit
+   (its allgather runs over the ring) and ``--topk-density``.
+
+Limits: the model has no reduction-compute (gamma) term (it is folded into beta), no contention
+(ranks sharing a node's memory or NIC), no segmentation/pipelining effects, and top-k's selection
+and scatter-add cost is not counted (measure it with ``bench compress``). Oversubscribed
+measurements (more ranks than cores) break its assumptions; the validation table says so by its
+error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from mpilm.bench.allreduce import parse_bytes
+from mpilm.errors import UsageError
+
+DESCRIPTION = "alpha-beta cost model fitted to this machine; predicted scaling"
+
+FITTED_SHAPES = ("ring", "rhd", "tree", "mpi")  # measured algorithms with a cost formula
+PREDICTED = ("ring", "rhd", "tree", "topk")
+PAIR_BYTES = 8  # one top-k entry on the wire: fp32 value + int32 index
+TARGET_ERROR = 0.30
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_RATE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+               "b": 1 / 8, "Kb": 1e3 / 8, "Mb": 1e6 / 8, "Gb": 1e9 / 8, "Tb": 1e12 / 8}
+_NUMBER = r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)"
+
+
+def parse_seconds(text: str, option: str) -> float:
+    """``2us``, ``1.5ms``, ``300ns``, ``2e-6`` (seconds) -> seconds."""
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*(s|ms|us|µs|ns)?\s*", text)
+    if not match:
+        raise UsageError(f"{option} {text}: expected a time like 2us, 1.5ms, 300ns or 2e-6 (seconds)")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
+
+
+def parse_rate(text: str, option: str) -> float:
+    """``25GB/s``, ``100Gb/s`` (bits), ``12.5GiB/s``, ``3e9`` (bytes/s) -> bytes per second."""
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*(?:([KMGT]?i?[Bb])(?:/s|ps)?)?\s*", text)
+    if not match or (match.group(2) and match.group(2) not in _RATE_UNITS):
+        raise UsageError(f"{option} {text}: expected a bandwidth like 25GB/s, 100Gb/s, 12GiB/s or 3e9 (bytes/s)")
+    rate = float(match.group(1)) * _RATE_UNITS[match.group(2) or "B"]
+    if rate <= 0:
+        raise UsageError(f"{option} {text}: must be > 0")
+    return rate
+
+
+# ---------------------------------------------------------------- the model
+def cost_terms(algorithm: str, p: int, n: float) -> tuple[float, float]:
+    """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks.
+
+    For ``topk`` n is the bytes of one rank's selected pairs (8k)."""
+    if p <= 1:
+        return 0.0, 0.0
+    p2 = 1 << (p.bit_length() - 1)
+    fold = 1.0 if p != p2 else 0.0
+    lg = math.log2(p2)
+    if algorithm == "ring":
+        return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
+    if algorithm in ("rhd", "mpi"):
+        return 2 * lg + 2 * fold, 2.0 * (p2 - 1) / p2 * n + 2 * n * fold
+    if algorithm == "tree":
+        return lg + 2 * fold, (lg + 2 * fold) * n
+    if algorithm == "topk":
+        return float(p - 1), float(p - 1) * n
+    raise ValueError(f"no cost formula for algorithm {algorithm!r}")
+
+
+def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float) -> float:
+    a, b = cost_terms(algorithm, p, n)
+    return a * alpha + b * beta
+
+
+def fit(rows: list[dict], algorithm: str) -> tuple[float, float]:
+    """Non-negative (alpha, beta) minimising the squared *relative* error over ``rows``."""
+    terms = np.array([cost_terms(algorithm, r["world_size"], r["size_bytes"]) for r in rows])
+    times = np.array([r["time_us"] * 1e-6 for r in rows])
+    design = terms / times[:, None]  # divide each equation by its measurement: relative error
+    target = np.ones(len(rows))
+    solution = np.linalg.lstsq(design, target, rcond=None)[0]
+    if (solution >= 0).all():
+        return float(solution[0]), float(solution[1])
+    # a 2-variable NNLS: the best fit with one coefficient at zero
+    best = None
+    for keep in (0, 1):
+        column = design[:, keep]
+        value = max(0.0, float(column @ target / (column @ column))) if column.any() else 0.0
+        residual = float(np.sum((column * value - target) ** 2))
+        if best is None or residual < best[0]:
+            best = (residual, keep, value)
+    _, keep, value = best
+    return (value, 0.0) if keep == 0 else (0.0, value)
+
+
+def bucket_sizes(gradient_bytes: int, bucket_bytes: int) -> list[int]:
+    """The gradient buffer cut into buckets as GradBuffer does (in bytes; the last one smaller)."""
+    full, rest = divmod(gradient_bytes, bucket_bytes)
+    return [bucket_bytes] * full + ([rest] if rest else [])
+
+
+def step_comm_seconds(algorithm: str, p: int, buckets: list[int], alpha: float, beta: float, density: float) -> float:
+    if algorithm == "topk":
+        # k entries of 4-byte gradients per bucket, each sent as an 8-byte (value, index) pair
+        return sum(predict_seconds("topk", p, max(1, round(density * b / 4)) * PAIR_BYTES, alpha, beta) for b in buckets)
+    return sum(predict_seconds(algorithm, p, b, alpha, beta) for b in buckets)
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="sources", default=None,
+                        help="bench allreduce JSON file(s), comma-separated, to fit alpha and beta on")
+    parser.add_argument("--fit-np", default=None,
+                        help="fit on these world sizes only (comma-separated); the others are predicted and checked "
+                             "(default: all measured)")
+    parser.add_argument("--compute-ms", type=float, default=None, help="compute time of one training step (ms)")
+    parser.add_argument("--from-summary", default=None,
+                        help="a training run's summary.json: compute time per step, gradient bytes (and bucket size "
+                             "from the config.json beside it)")
+    parser.add_argument("--grad-bytes", default=None, help="gradient bytes per step, K/M/G suffixes (overrides the summary)")
+    parser.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size in MiB (default: the run's, else 25)")
+    parser.add_argument("--alpha", default=None, help="message latency of a given network, e.g. 2us (overrides the fit)")
+    parser.add_argument("--bandwidth", default=None, help="link bandwidth of a given network, e.g. 25GB/s (overrides the fit)")
+    parser.add_argument("--topk-density", type=float, default=0.01, help="top-k: fraction of entries sent (default %(default)s)")
+    parser.add_argument("--max-np", type=int, default=4096, help="predict for N = 2, 4, ... up to this (default %(default)s)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write fit, validation and predictions to this JSON file")
+    parser.add_argument("--plot", default=None, help="write predicted efficiency vs N and predicted-vs-measured to this PNG")
+
+
+def _load_rows(sources: str) -> list[dict]:
+    rows = []
+    for path in [s.strip() for s in sources.split(",") if s.strip()]:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UsageError(f"--from {path}: no such file")
+        try:
+            loaded = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--from {path}: not valid JSON ({err.msg})") from None
+        if not isinstance(loaded, list) or not all(
+                isinstance(r, dict) and {"size_bytes", "algorithm", "world_size", "time_us"} <= r.keys() for r in loaded):
+            raise UsageError(f"--from {path}: expected the row list written by 'python -m mpilm.bench allreduce --json'")
+        rows.extend(r for r in loaded if r["world_size"] > 1 and r["time_us"] > 0)
+    return rows
+
+
+def _workload(args) -> dict:
+    """Compute seconds per step, gradient bytes and bucket bytes, from the options and/or a summary."""
+    compute = args.compute_ms / 1e3 if args.compute_ms is not None else None
+    gradient_bytes = parse_bytes(args.grad_bytes, "--grad-bytes") if args.grad_bytes else None
+    bucket_mb = args.bucket_mb
+    if args.from_summary:
+        path = Path(args.from_summary).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--from-summary {args.from_summary}: no such file")
+        try:
+            summary = json.loads(path.read_text())
+            if compute is None:
+                compute = summary.get("compute_s_per_step")
+                if compute is None:  # summaries written before run_metrics existed
+                    phases = summary["phases"]
+                    compute = phases["step"]["mean"] - phases["comm"]["mean"]
+            gradient_bytes = gradient_bytes or summary.get("gradient_bytes")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"--from-summary {args.from_summary}: not a summary.json written by mpilm.train") from None
+        config_path = path.with_name("config.json")
+        if bucket_mb is None and config_path.is_file():
+            bucket_mb = json.loads(config_path.read_text()).get("bucket_mb")
+    if compute is None or not compute > 0:
+        raise UsageError("the step's compute time is needed: pass --compute-ms MS (> 0) or --from-summary summary.json")
+    if not gradient_bytes:
+        raise UsageError("the gradient size is needed: pass --grad-bytes (e.g. 3.2M) or --from-summary of a recent run")
+    bucket_mb = 25.0 if bucket_mb is None else bucket_mb
+    if not bucket_mb > 0:
+        raise UsageError(f"--bucket-mb {bucket_mb}: must be > 0")
+    return {"compute_s": float(compute), "gradient_bytes": int(gradient_bytes), "bucket_bytes": int(bucket_mb * 2**20)}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
+
+
+def _validation(rows: list[dict], params: dict, fit_np: set[int]) -> list[dict]:
+    """Per algorithm and world size: predicted vs measured, relative errors."""
+    out = []
+    for algorithm, (alpha, beta) in params.items():
+        for p in sorted({r["world_size"] for r in rows if r["algorithm"] == algorithm}):
+            mine = sorted((r for r in rows if r["algorithm"] == algorithm and r["world_size"] == p),
+                          key=lambda r: r["size_bytes"])
+            points = []
+            for r in mine:
+                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta) * 1e6
+                points.append({"size_bytes": r["size_bytes"], "measured_us": r["time_us"], "predicted_us": predicted,
+                               "rel_error": (predicted - r["time_us"]) / r["time_us"]})
+            errors = [abs(q["rel_error"]) for q in points]
+            out.append({"algorithm": algorithm, "world_size": p, "in_fit": p in fit_np, "points": points,
+                        "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)})
+    return out
+
+
+def _predictions(work: dict, params: dict, density: float, max_np: int) -> list[dict]:
+    buckets = bucket_sizes(work["gradient_bytes"], work["bucket_bytes"])
+    rows = []
+    p = 2
+    while p <= max_np:
+        row = {"world_size": p, "algorithms": {}}
+        for algorithm, (alpha, beta) in params.items():
+            comm = step_comm_seconds(algorithm, p, buckets, alpha, beta, density)
+            step = work["compute_s"] + comm
+            row["algorithms"][algorithm] = {"comm_ms": comm * 1e3, "step_ms": step * 1e3,
+                                            "efficiency": work["compute_s"] / step}
+        row["best"] = min(row["algorithms"], key=lambda a: row["algorithms"][a]["step_ms"])
+        rows.append(row)
+        p *= 2
+    return rows
+
+
+def _wins(predictions: list[dict]) -> list[str]:
+    """Contiguous N ranges where each algorithm is fastest."""
+    spans = []
+    for row in predictions:
+        if spans and spans[-1][0] == row["best"]:
+            spans[-1][2] = row["world_size"]
+        else:
+            spans.append([row["best"], row["world_size"], row["world_size"]])
+    return [f"{name} wins for N = {lo}" + (f" .. {hi}" if hi != lo else "") for name, lo, hi in spans]
+
+
+def _plot(path: str, predictions: list[dict], validation: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if validation else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    ns = [r["world_size"] for r in predictions]
+    for algorithm in predictions[0]["algorithms"]:
+        ax.plot(ns, [r["algorithms"][algorithm]["efficiency"] * 100 for r in predictions], marker="o", ms=3, label=algorithm)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("ranks N")
+    ax.set_ylabel("predicted weak-scaling efficiency (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if validation:
+        ax = axes[0][1]
+        lo, hi = math.inf, 0.0
+        for entry in validation:
+            measured = [q["measured_us"] for q in entry["points"]]
+            predicted = [q["predicted_us"] for q in entry["points"]]
+            lo, hi = min(lo, *measured, *predicted), max(hi, *measured, *predicted)
+            ax.scatter(measured, predicted, s=14, marker="o" if entry["in_fit"] else "x",
+                       label=f"{entry['algorithm']} N={entry['world_size']}{'' if entry['in_fit'] else ' (held out)'}")
+        line = np.array([lo, hi])
+        ax.plot(line, line, "k-", lw=0.8)
+        ax.fill_between(line, line * (1 - TARGET_ERROR), line * (1 + TARGET_ERROR), color="gray", alpha=0.2,
+                        label=f"±{TARGET_ERROR:.0%}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured allreduce time (us)")
+        ax.set_ylabel("predicted (us)")
+        ax.set_title("model vs measurement")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    from mpilm.comm import world
+
+    say = world.say  # rank 0 prints (the model needs one process; more are harmless)
+    work = _workload(args)
+    if not 0 < args.topk_density <= 1:
+        raise UsageError(f"--topk-density {args.topk_density}: must be in (0, 1]")
+    if args.max_np < 2:
+        raise UsageError(f"--max-np {args.max_np}: must be >= 2")
+    alpha_override = parse_seconds(args.alpha, "--alpha") if args.alpha else None
+    beta_override = 1 / parse_rate(args.bandwidth, "--bandwidth") if args.bandwidth else None
+    for option, path in (("--json", args.json_path), ("--plot", args.plot)):
+        if path and not Path(path).expanduser().resolve().parent.is_dir():
+            raise UsageError(f"{option} {path}: its directory does not exist")
+
+    rows = _load_rows(args.sources) if args.sources else []
+    if not rows and (alpha_override is None or beta_override is None):
+        raise UsageError("nothing to fit and no network given: pass --from allreduce.json, or both --alpha and --bandwidth")
+    measured_np = sorted({r["world_size"] for r in rows})
+    if args.fit_np:
+        try:
+            fit_np = {int(v) for v in args.fit_np.split(",") if v.strip()}
+        except ValueError:
+            raise UsageError(f"--fit-np {args.fit_np}: expected comma-separated world sizes") from None
+        if not fit_np & set(measured_np):
+            raise UsageError(f"--fit-np {args.fit_np}: none of these world sizes is in the data ({measured_np})")
+    else:
+        fit_np = set(measured_np)
+
+    fits = {}
+    for algorithm in FITTED_SHAPES:
+        mine = [r for r in rows if r["algorithm"] == algorithm and r["world_size"] in fit_np]
+        if len({r["size_bytes"] for r in mine}) >= 2:
+            fits[algorithm] = fit(mine, algorithm)
+    if rows and not fits:
+        raise UsageError(f"--from {args.sources}: no algorithm among {','.join(FITTED_SHAPES)} has two message sizes "
+                         f"at world sizes {sorted(fit_np)} to fit")
+    validation = _validation(rows, fits, fit_np)
+
+    # the link model each predicted algorithm uses: its own fit, top-k the ring's, or the given network
+    fallback = fits.get("ring") or fits.get("rhd") or next(iter(fits.values()), (0.0, 0.0))
+    params = {}
+    for algorithm in PREDICTED:
+        alpha, beta = fits.get("ring" if algorithm == "topk" else algorithm, fallback)
+        params[algorithm] = (alpha_override if alpha_override is not None else alpha,
+                             beta_override if beta_override is not None else beta)
+    predictions = _predictions(work, params, args.topk_density, args.max_np)
+
+    say(f"# alpha-beta model: compute {work['compute_s'] * 1e3:.2f} ms/step, gradient {_mib(work['gradient_bytes'])} "
+        f"in {len(bucket_sizes(work['gradient_bytes'], work['bucket_bytes']))} bucket(s) of "
+        f"{_mib(work['bucket_bytes'])}, top-k density {args.topk_density:g}")
+    if fits:
+        say(f"# fit on world sizes {sorted(fit_np)} from {args.sources}")
+        say(f"{'algorithm':<10}{'alpha us':>10}{'GB/s (1/beta)':>15}")
+        for algorithm, (alpha, beta) in fits.items():
+            say(f"{algorithm:<10}{alpha * 1e6:>10.2f}{(1 / beta / 1e9 if beta else math.inf):>15.3f}")
+    if validation:
+        say(f"# validation: predicted vs measured allreduce time over all message sizes (target within {TARGET_ERROR:.0%})")
+        say(f"{'algorithm':<10}{'N':>4}{'':>10}{'points':>8}{'median |err|':>14}{'max |err|':>11}")
+        for v in validation:
+            say(f"{v['algorithm']:<10}{v['world_size']:>4}{'fitted' if v['in_fit'] else 'held out':>10}"
+                f"{len(v['points']):>8}{v['median_abs_error']:>14.1%}{v['max_abs_error']:>11.1%}")
+    if alpha_override is not None or beta_override is not None:
+        say(f"# network given: alpha {(alpha_override or 0) * 1e6:.2f} us, "
+            f"{(1 / beta_override / 1e9) if beta_override else float('nan'):.2f} GB/s"
+            + (" (the other from the fit)" if (alpha_override is None) != (beta_override is None) else ""))
+    names = list(params)
+    say("# predicted step time in ms (weak-scaling efficiency)")
+    say(f"{'N':>6}" + "".join(f"{a:>18}" for a in names) + f"{'best':>7}")
+    for row in predictions:
+        cells = "".join(f"{row['algorithms'][a]['step_ms']:>10.2f} ({row['algorithms'][a]['efficiency']:>4.0%})" for a in names)
+        say(f"{row['world_size']:>6}{cells}{row['best']:>7}")
+    wins = _wins(predictions)
+    for line in wins:
+        say(f"# {line}")
+
+    result = {"workload": work, "topk_density": args.topk_density, "fit_world_sizes": sorted(fit_np),
+              "fits": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in fits.items()},
+              "link_model": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in params.items()},
+              "validation": validation, "predictions": predictions, "wins": wins}
+    if world.rank() == 0:
+        if args.json_path:
+            Path(args.json_path).expanduser().write_text(json.dumps(result, indent=1) + "\n")
+            say(f"# wrote {args.json_path}")
+        if args.plot:
+            source = "given network" if alpha_override is not None and beta_override is not None else "fitted here"
+            _plot(args.plot, predictions, validation,
+                  f"compute {work['compute_s'] * 1e3:.1f} ms, {_mib(work['gradient_bytes'])} gradients, {source}")
+            say(f"# wrote {args.plot}")
+    return result

@@ -1,0 +1,170 @@
+"""Phase timers, the Chrome trace and the end-of-run metrics: unit checks, one CPU training run
+whose phases must add up to its step time, and (under mpirun) a traced run whose merged trace
+holds every rank and whose summary.json holds the communication figures."""
+
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpilm import timing, train
+from mpilm.comm import world
+from mpilm.errors import UsageError
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--eval-batches", "1", "--eval-every", "1000"]
+SUMMARY_KEYS = ("tokens_per_s", "tokens_per_s_per_rank", "model_flops_per_s", "mfu", "bytes_sent_per_step",
+                "bytes_received_per_step", "busbw_gbps", "comm_compute_ratio", "phases", "gradient_bytes")
+
+
+def small_corpus(root: Path) -> str:
+    """~220 KB of real text: plenty of windows, and a token cache built in a blink."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = root / "corpus.txt"
+    path.write_bytes((stdlib / "argparse.py").read_bytes() + (stdlib / "typing.py").read_bytes())
+    return str(path)
+
+
+class FakeTraffic:
+    def __init__(self):
+        self.sent = self.received = 0
+
+
+def test_summary_rows_add_up_to_the_step_and_credited_time_stays_apart():
+    timer = timing.PhaseTimer("cpu", traffic=(traffic := FakeTraffic()))
+    for step in range(4):
+        timer.begin_step(step)
+        with timer.phase("forward"):
+            time.sleep(0.002)
+        with timer.phase("comm"):
+            time.sleep(0.001)
+            timer.add("comm_total", 0.003)
+        time.sleep(0.001)  # inside the step, outside every phase: "other"
+        traffic.sent += 100
+        traffic.received += 60
+        timer.end_step()
+    summary = timer.summary()
+    phase_share = sum(summary[name]["share"] for name in (*timing.PHASES, "other"))
+    assert phase_share == pytest.approx(1.0, abs=1e-9)
+    assert summary["other"]["mean"] >= 0.0009 and summary["comm_total"]["mean"] == pytest.approx(0.003)
+    assert list(summary)[-1] == "comm_total"  # credited rows come after "other"
+    stats = timer.rank_stats()
+    assert stats["bytes_sent"] == 100 and stats["bytes_received"] == 60
+    assert stats["comm_total_s"] == pytest.approx(0.003)
+    assert stats["compute_s"] == pytest.approx(summary["forward"]["mean"])
+    table = timing.format_table(summary)
+    assert "other" in table and "(overlaps the phases)" in table.splitlines()[-1]
+
+
+def test_run_metrics_busbw_and_mfu():
+    stats = {"step_s": 0.1, "compute_s": 0.06, "comm_s": 0.04, "comm_total_s": 0.05,
+             "bytes_sent": 1.5e8, "bytes_received": 1.5e8}
+    m = timing.run_metrics(stats, world_size=4, tokens_per_step=4096, flops_per_token=1e6,
+                           payload_bytes=100_000_000, device="cpu")
+    assert m["tokens_per_s"] == pytest.approx(40960) and m["tokens_per_s_per_rank"] == pytest.approx(10240)
+    assert m["model_flops_per_s"] == pytest.approx(40960e6)
+    assert m["busbw_gbps"] == pytest.approx(1e8 * 2 * 3 / 4 / 0.05 / 1e9)  # nccl-tests convention
+    assert m["wire_gbps"] == pytest.approx(1.5e8 / 0.05 / 1e9)
+    assert m["comm_compute_ratio"] == pytest.approx(0.04 / 0.06)
+    assert m["mfu"] is None and m["peak_flops_per_device"] is None  # CPU: no peak, no MFU
+    single = timing.run_metrics({**stats, "comm_total_s": 0.0}, world_size=1, tokens_per_step=1, flops_per_token=1,
+                                payload_bytes=10, device="cpu")
+    assert single["busbw_gbps"] is None
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
+    ("NVIDIA A10G", None), ("Tesla V100-SXM2-16GB", None), (None, None),
+])
+def test_peak_flops_table(name, peak):
+    assert timing.peak_flops(name) == peak
+
+
+def test_trace_records_only_the_first_steps_in_chrome_format(tmp_path):
+    path = tmp_path / "sub" / "trace.json"
+    tracer = timing.Tracer(rank=0, max_steps=2)
+    tracer.start(MPI.COMM_SELF, str(path))
+    timer = timing.PhaseTimer("cpu", tracer=tracer)
+    for step in range(3):
+        timer.begin_step(step)
+        with timer.phase("forward"):
+            pass
+        with timer.phase("comm"), timing.traced("communication", "allreduce b0", bucket=0, bytes=64, algorithm="ring"):
+            pass
+        timer.end_step()
+    assert tracer.finish(MPI.COMM_SELF, str(path)) == str(path)
+    assert timing.active_tracer() is None and timing.traced("communication", "x") is timing._NO_SPAN
+    doc = json.loads(path.read_text())
+    events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert {e["args"]["step"] for e in events} == {0, 1}
+    assert {e["name"] for e in events} == {"forward", "comm", "allreduce b0", "step 0", "step 1"}
+    assert all(e["ts"] >= 0 and e["dur"] >= 0 and e["pid"] == 0 for e in events)
+    bucket = next(e for e in events if e["name"] == "allreduce b0")
+    assert bucket["args"] == {"step": 0, "bucket": 0, "bytes": 64, "algorithm": "ring"}
+    assert bucket["tid"] == timing.TRACKS.index("communication")
+    names = {(e["name"], e["args"].get("name")) for e in doc["traceEvents"] if e["ph"] == "M"}
+    assert ("process_name", "rank 0") in names and ("thread_name", "communication") in names
+
+
+def test_trace_path_that_cannot_be_written_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match="--trace"):
+        timing.Tracer(0).start(MPI.COMM_SELF, str(blocker / "trace.json"))
+
+
+def test_cpu_run_phases_add_up_to_the_step_time(tmp_path):
+    """One process, CPU: the six phases cover the step time to within 5%, and summary.json has
+    every figure of the run report."""
+    if world.size() != 1:
+        pytest.skip("serial test")
+    out = tmp_path / "run"
+    summary = train.run([*TINY, "--n-embd", "64", "--block-size", "64", "--steps", "12", "--log-every", "6",
+                         "--data", small_corpus(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    phases = summary["phases"]
+    covered = sum(phases[name]["mean"] for name in timing.PHASES)
+    assert covered == pytest.approx(phases["step"]["mean"], rel=0.05), phases
+    written = json.loads((out / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in written, key
+    assert written["mfu"] is None and written["bytes_sent_per_step"] == 0 and written["busbw_gbps"] is None
+    assert written["tokens_per_s"] == pytest.approx(written["tokens_per_s_per_rank"])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_traced_run_merges_every_rank_and_reports_traffic(tmp_path_factory):
+    comm = MPI.COMM_WORLD
+    root = Path(comm.bcast(str(tmp_path_factory.mktemp("traced")) if comm.rank == 0 else None))
+    corpus = comm.bcast(small_corpus(root) if comm.rank == 0 else None)
+    trace = root / "trace.json"
+    summary = train.run([*TINY, "--steps", "6", "--log-every", "3", "--allreduce", "ring", "--bucket-mb", "0.02",
+                         "--trace", str(trace), "--trace-steps", "3", "--data", corpus,
+                         "--cache-dir", str(root / "cache"), "--out", str(root / "run")])
+    p = comm.size
+    # the ring hands 2(p-1)/p of the gradient bytes to MPI, on average over ranks
+    assert summary["bytes_sent_per_step"] == pytest.approx(2 * (p - 1) / p * summary["gradient_bytes"], rel=1e-3)
+    assert summary["busbw_gbps"] > 0 and summary["comm_total_s_per_step"] > 0
+    assert summary["tokens_per_s_per_rank"] * p == pytest.approx(summary["tokens_per_s"])
+    if comm.rank != 0:
+        return
+    doc = json.loads(trace.read_text())
+    events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in events} == set(range(p))
+    assert {e["args"]["step"] for e in events} == {0, 1, 2}
+    for r in range(p):
+        mine = [e for e in events if e["pid"] == r]
+        assert {"data", "forward", "backward", "comm", "optimizer"} <= {e["name"] for e in mine}
+        buckets = [e for e in mine if e["cat"] == "communication"]
+        assert len(buckets) >= 3 * 2, "several buckets per traced step"
+        assert all(set(e["args"]) == {"step", "bucket", "bytes", "algorithm"} and e["args"]["algorithm"] == "ring"
+                   for e in buckets)
+    labels = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
+    assert labels == {f"rank {r}" for r in range(p)}
+    written = json.loads((root / "run" / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in written, key
