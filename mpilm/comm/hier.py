@@ -65,6 +65,7 @@ class _Layout:
         # node rank q owns slices shard_bounds(L, k, q): a contiguous run, >= 1 slice each
         self.owned = [shard_bounds(self.slices, k, q) for q in range(k)]
         self.slice_comms: dict[int, MPI.Comm] = {}
+        self._bounds: dict[int, tuple] = {}
         my_first, my_stop = self.owned[i]
         for j in range(self.slices):  # collective: every rank joins every Split, in the same order
             color = j if my_first <= j < my_stop else MPI.UNDEFINED
@@ -72,9 +73,14 @@ class _Layout:
             if sub != MPI.COMM_NULL:
                 self.slice_comms[j] = sub
 
-    def regions(self, n: int) -> list[tuple[int, int]]:
-        """Element range of the slices each node rank owns."""
-        return [self.slice_range(n, first, stop) for first, stop in self.owned]
+    def bounds(self, n: int) -> tuple[tuple[int, int], ...]:
+        """Element range of the slices each node rank owns (the split ``shm`` reduces by)."""
+        cached = self._bounds.get(n)
+        if cached is None:
+            if len(self._bounds) >= 256:
+                self._bounds.clear()
+            cached = self._bounds[n] = tuple(self.slice_range(n, first, stop) for first, stop in self.owned)
+        return cached
 
     def slice_range(self, n: int, first: int, stop: int) -> tuple[int, int]:
         return shard_bounds(n, self.slices, first)[0], shard_bounds(n, self.slices, stop - 1)[1]
@@ -127,4 +133,4 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") 
     if layout.node.Get_size() == 1:  # alone on my node: my buffer is the node's partial sum
         across_nodes(buf)
         return buf
-    return shm._group(layout.node).run(buf, "allreduce", layout.regions(n), 1, between=across_nodes)
+    return shm._group(layout.node).run(buf, "allreduce", layout, 1, between=across_nodes)

@@ -21,8 +21,9 @@ have passed sync 1 of call k+1).
 
 Synchronisation uses the window's own primitives: all windows stay in one ``Lock_all`` passive
 epoch, every sync is ``Win.Sync`` (a memory barrier) + an arrival counter in the shared control
-block + ``Win.Sync``, and a rank waits by polling its peers' counters (a short spin, then
-yielding the CPU and the GIL, so oversubscribed runs and communication threads still progress).
+block + ``Win.Sync``, and a rank waits by polling its peers' counters: busy-polling like MPI
+libraries do (handing the GIL to other threads every few microseconds), then yielding the core,
+then sleeping; only briefly busy when the machine runs more of our ranks than it has cores.
 That is several times cheaper than ``MPI_Barrier`` here (about 1-2 us against 9 us), which is
 what lets ``shm`` beat the library's allreduce from 64 KiB up.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
 import time
 
 import numpy as np
@@ -62,12 +64,20 @@ from mpilm.comm.collectives import shard_bounds  # collectives imports this modu
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES, start=1)}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+_ELEMENT_SIZES = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
+_CACHE_ENTRIES = 256  # call shapes remembered (plans, splits); cleared when full
 
 MIN_SCRATCH_BYTES = 1 << 20  # first scratch window; later ones double
-REDUCE_BLOCK = 1 << 16  # elements summed per pass when > 2 inputs, so the accumulator stays in L2
-SPIN_TIGHT_S = 200e-6  # poll without yielding for this long (holds the GIL: keep it short)
-SPIN_YIELD_S = 2e-3  # then poll with os.sched_yield (yields CPU and GIL), then sleep SPIN_SLEEP_S
-SPIN_SLEEP_S = 20e-6
+REDUCE_BLOCK = 1 << 16  # elements summed, divided and published per pass, while in L2
+# Waiting for a peer: busy-poll (as MPI libraries do; giving the core away costs a scheduler
+# time slice whenever anything else is runnable) for SPIN_BUSY_S, then poll with os.sched_yield
+# until SPIN_YIELD_S, then sleep SPIN_SLEEP_S between polls. When this machine runs more of our
+# ranks than it has cores, busy-polling steals the core a peer needs: spin only SPIN_SHARED_S.
+SPIN_BUSY_S = 5e-3
+SPIN_SHARED_S = 20e-6
+SPIN_YIELD_S = 50e-3
+SPIN_SLEEP_S = 50e-6
+GIL_RELEASE_POLLS = 64  # busy-polls between GIL releases (a zero-timeout select: no sleep)
 
 # control block: one 128-byte slot (two cache lines) of int64 words per node rank: the arrival
 # counter, then two copies of the call description, used by alternate calls (a fast rank may
@@ -121,6 +131,29 @@ class _SharedWindow:
         self.win.Free()  # collective: returns once every node rank has let go of the window
 
 
+class EvenSplit:
+    """Node rank q owns ``shard_bounds(n, p, q)``: the split of ``shm`` and its halves."""
+
+    def __init__(self, p: int):
+        self.p = p
+        self._bounds: dict[int, tuple] = {}
+
+    def bounds(self, n: int) -> tuple[tuple[int, int], ...]:
+        cached = self._bounds.get(n)
+        if cached is None:
+            if len(self._bounds) >= _CACHE_ENTRIES:
+                self._bounds.clear()
+            cached = self._bounds[n] = tuple(shard_bounds(n, self.p, q) for q in range(self.p))
+        return cached
+
+
+class _Plan:
+    """What one call shape (kind, split, length, dtype, where every input lies) reads and writes
+    in shared memory; independent of the caller's tensor, so it is cached."""
+
+    __slots__ = ("lo", "hi", "sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
+
+
 class _NodeGroup:
     """Shared state of the ranks of one node communicator: control block, scratch, user buffers."""
 
@@ -129,6 +162,7 @@ class _NodeGroup:
         self.me = node.Get_rank()
         self.p = node.Get_size()
         self.peers = [q for q in range(self.p) if q != self.me]
+        self.even = EvenSplit(self.p)
         # control block on node rank 0 only, so all slots lie in one contiguous array
         self.control = _SharedWindow(node, 8 * _SLOT_WORDS * self.p if self.me == 0 else 0, contiguous=True)
         self.slots = memoryview(self.control._memory[0]).cast("B").cast("q")
@@ -138,18 +172,22 @@ class _NodeGroup:
         self.control.win.Sync()
         node.Barrier()  # blocks until node rank 0 has zeroed the control block
         self.control.win.Sync()
+        self.busy_s = SPIN_SHARED_S if _oversubscribed() else SPIN_BUSY_S
         self.arrivals = 0
-        self.calls = 0  # parity picks the scratch half a call copies into
+        self.calls = 0  # its parity picks the scratch half and the call description a call uses
         self.scratch: _SharedWindow | None = None
         self.buffers: dict[int, _SharedWindow] = {}  # alloc_shared_buffer windows, by id
         self.next_buffer_id = 0
+        self.plans: dict[tuple, _Plan] = {}
         self.accumulator: torch.Tensor | None = None  # private fp32 sums for half types
+        self.accumulator_numpy: np.ndarray | None = None
+        self._windows = [self.control]
 
     # ---------------------------------------------------------------- synchronisation
     def _fence(self) -> None:
         # Win.Sync is MPI's memory barrier for the unified model: our stores to shared memory
         # become visible before the counter store, and peers' loads happen after seeing it
-        for window in self.windows():
+        for window in self._windows:
             window.win.Sync()
 
     def arrive_and_wait(self) -> None:
@@ -163,15 +201,21 @@ class _NodeGroup:
             word = q * _SLOT_WORDS + _ARRIVED
             if slots[word] >= target:
                 continue
-            # blocks until node peer q arrives: spin briefly, then yield the CPU (and the GIL:
-            # os.sched_yield releases it), then sleep, so oversubscribed ranks still progress
+            # blocks until node peer q arrives: busy-poll, handing the GIL to other threads
+            # every GIL_RELEASE_POLLS polls, then yield the core, then sleep between polls
             start = time.perf_counter()
+            polls = 0
             while slots[word] < target:
+                polls += 1
+                if polls % GIL_RELEASE_POLLS:
+                    continue
                 waited = time.perf_counter() - start
-                if waited > SPIN_YIELD_S:
+                if waited < self.busy_s:
+                    select.select((), (), (), 0)  # releases the GIL, returns at once
+                elif waited < SPIN_YIELD_S:
+                    os.sched_yield()  # releases the GIL and the core
+                else:
                     time.sleep(SPIN_SLEEP_S)
-                elif waited > SPIN_TIGHT_S:
-                    os.sched_yield()
         self._fence()
 
     def publish(self, where: tuple[int, int], numel: int, dtype: torch.dtype, kind: int) -> None:
@@ -183,7 +227,7 @@ class _NodeGroup:
         slots[base + _DTYPE] = _DTYPE_CODES[dtype]
         slots[base + _KIND] = kind
 
-    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> list[tuple[int, int]]:
+    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> tuple[tuple[int, int], ...]:
         """Every rank's published (window, offset); ValueError on every rank alike if calls differ."""
         slots, expected = self.slots, (numel, _DTYPE_CODES[dtype], kind)
         which = _DESCRIPTION_BASE[self.calls & 1]
@@ -199,7 +243,7 @@ class _NodeGroup:
                 )
                 raise ValueError(f"shm: the ranks of a node called different collectives ({calls})")
             inputs.append((slots[base + _WINDOW], slots[base + _OFFSET]))
-        return inputs
+        return tuple(inputs)
 
     # ---------------------------------------------------------------- memory
     def locate(self, buf: torch.Tensor) -> tuple[int, int] | None:
@@ -215,22 +259,25 @@ class _NodeGroup:
                 return window_id, (address - base) // buf.element_size()
         return None
 
-    def copy_in(self, local, n: int, size: int, lo: int, hi: int, reduce: bool, dtype, as_numpy) -> tuple[int, int]:
-        """Copy what the peers will read into this call's scratch half; (_GROW, 0) if it is too small.
+    def copy_in(self, local, n: int, dtype: torch.dtype, reduce: bool, lo: int, hi: int) -> tuple[int, int]:
+        """Copy what the peers will read into this call's scratch half; (_GROW, 0) if too small.
 
         Scratch halves alternate between calls: a peer may still copy results out of the half
         of the previous call, but never out of the one before (it passed our sync 1 since).
         """
-        half_bytes = self.scratch.nbytes // 2 if self.scratch is not None else 0
-        if n * size > half_bytes:
+        size = _ELEMENT_SIZES[dtype]
+        half = self.scratch.nbytes // 2 // size if self.scratch is not None else 0
+        if n > half:
             return _GROW, 0
-        offset = (self.calls & 1) * (half_bytes // size)
-        segment = self.scratch.segment(self.me, dtype, as_numpy)[offset : offset + n]
+        offset = (self.calls & 1) * half
+        segment = self.scratch.segment(self.me, dtype, dtype in _NUMPY_DTYPES)
         if reduce:  # the peers read the slices they reduce: all but mine
-            _copy(segment[:lo], local[:lo])
-            _copy(segment[hi:], local[hi:])
-        else:  # the peers gather my slice
-            _copy(segment[lo:hi], local[lo:hi])
+            if lo > 0:
+                _copy(segment[offset : offset + lo], local[:lo])
+            if hi < n:
+                _copy(segment[offset + hi : offset + n], local[hi:])
+        elif hi > lo:  # the peers gather my slice
+            _copy(segment[offset + lo : offset + hi], local[lo:hi])
         return _SCRATCH, offset
 
     def grow_scratch(self, nbytes: int) -> None:
@@ -241,12 +288,27 @@ class _NodeGroup:
             self.scratch.free()  # collective; nobody reads it: all ranks passed sync 1 of this call
             self.scratch = None
         self.scratch = _SharedWindow(self.node, 2 * half)
+        self._changed()
 
-    def accumulator_for(self, numel: int) -> torch.Tensor:
+    def add_buffer(self, window: _SharedWindow) -> None:
+        self.buffers[self.next_buffer_id] = window
+        self.next_buffer_id += 1
+        self._changed()
+
+    def free_buffer(self, window_id: int) -> None:
+        self.buffers.pop(window_id).free()  # collective over the node
+        self._changed()
+
+    def _changed(self) -> None:
+        self.plans.clear()  # plans hold views of windows that may be gone
+        self._windows = self.windows()
+
+    def accumulator_for(self, numel: int, as_numpy: bool):
         if self.accumulator is None or self.accumulator.numel() < numel:
             grown = max(numel, 2 * self.accumulator.numel() if self.accumulator is not None else 0)
             self.accumulator = torch.empty(grown, dtype=torch.float32)
-        return self.accumulator[:numel]
+            self.accumulator_numpy = self.accumulator.numpy()
+        return self.accumulator_numpy if as_numpy else self.accumulator
 
     def windows(self) -> list[_SharedWindow]:
         return [self.control] + ([self.scratch] if self.scratch else []) + list(self.buffers.values())
@@ -256,82 +318,110 @@ class _NodeGroup:
             window.free()  # collective over the node
         self.buffers.clear()
         self.scratch = None
+        self.plans.clear()
 
     # ---------------------------------------------------------------- the collective
-    def run(self, buf: torch.Tensor, kind: str, bounds: list[tuple[int, int]], divisor: int, between=None):
-        """Reduce this rank's region ``bounds[me]`` and/or gather every region, in place.
+    def run(self, buf: torch.Tensor, kind: str, split, divisor: int, between=None) -> torch.Tensor:
+        """Reduce this rank's region ``split.bounds(n)[me]`` and/or gather every region, in place.
 
         ``kind``: ``allreduce`` (both), ``reduce_scatter`` (reduce into ``buf[lo:hi]`` only) or
         ``allgather`` (gather only). ``between(region)``, if given, runs on this rank's reduced
-        region (a CPU torch tensor in shared memory) before the peers read it: ``hier`` puts its
+        region (a CPU tensor view of ``buf``) before the peers read it: ``hier`` puts its
         inter-node allreduce there.
         """
         reduce = kind != "allgather"
-        gather = kind != "reduce_scatter"
-        n, dtype, size, code = buf.numel(), buf.dtype, buf.element_size(), _KINDS[kind]
+        n, dtype, code = buf.numel(), buf.dtype, _KINDS[kind]
         as_numpy = dtype in _NUMPY_DTYPES
         local = buf.numpy() if as_numpy else buf
-        lo, hi = bounds[self.me]
+        lo, hi = split.bounds(n)[self.me]
         mine = self.locate(buf)
-        self.calls += 1  # its parity picks this call's scratch half and description copy
+        self.calls += 1
         if mine is None:
-            mine = self.copy_in(local, n, size, lo, hi, reduce, dtype, as_numpy)
+            mine = self.copy_in(local, n, dtype, reduce, lo, hi)
         self.publish(mine, n, dtype, code)
         self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
         inputs = self.read_inputs(n, dtype, code)
         if any(window == _GROW for window, _ in inputs):
             # some scratch was too small; capacities are equal on all ranks, so all grow together
-            self.grow_scratch(n * size)
+            self.grow_scratch(n * _ELEMENT_SIZES[dtype])
             if mine[0] == _GROW:
-                mine = self.copy_in(local, n, size, lo, hi, reduce, dtype, as_numpy)
+                mine = self.copy_in(local, n, dtype, reduce, lo, hi)
             self.publish(mine, n, dtype, code)
             self.arrive_and_wait()  # sync 1 again, now with every input in place
             inputs = self.read_inputs(n, dtype, code)
-        any_shared = any(window != _SCRATCH for window, _ in inputs)
-        data = [self._data(q, inputs[q], n, dtype, as_numpy) for q in range(self.p)]
+        plan = self.plans.get((kind, split, n, dtype, inputs))
+        if plan is None:
+            plan = self._plan(kind, split, n, dtype, inputs)
 
         if reduce:
-            # the result goes where peers read it (allreduce) or straight into buf (reduce_scatter)
-            target = data[self.me][lo:hi] if gather else local[lo:hi]
-            sources = [local[lo:hi]] + [data[q][lo:hi] for q in self.peers]
-            self._reduce(target, sources, divisor, wide=dtype in (torch.float16, torch.bfloat16))
+            own = local[lo:hi]
+            # my region, summed into buf itself (and into shared memory for the peers to read)
+            self._reduce(own, plan.sources, divisor, dtype, None if between else plan.publish)
             if between is not None:
-                between(torch.from_numpy(target) if as_numpy else target)
-            if gather or any_shared:
+                between(torch.from_numpy(own) if as_numpy else own)
+                if plan.publish is not None:
+                    _copy(plan.publish, own)
+            if plan.sync_after_reduce:
                 self.arrive_and_wait()  # sync 2: reduced regions ready, the inputs all read
-
-        if gather:
-            for q in self.peers:
-                q_lo, q_hi = bounds[q]
-                _copy(local[q_lo:q_hi], data[q][q_lo:q_hi])
-            if reduce and mine[0] == _SCRATCH:
-                _copy(local[lo:hi], data[self.me][lo:hi])
-            if any_shared:
-                self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
+        for q_lo, q_hi, source in plan.gather_from:
+            _copy(local[q_lo:q_hi], source)
+        if plan.sync_after_gather:
+            self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
         return buf
 
-    def _data(self, q: int, where: tuple[int, int], n: int, dtype: torch.dtype, as_numpy: bool):
-        window_id, offset = where
-        window = self.scratch if window_id == _SCRATCH else self.buffers[window_id]
-        return window.segment(q, dtype, as_numpy)[offset : offset + n]
+    def _plan(self, kind: str, split, n: int, dtype: torch.dtype, inputs) -> _Plan:
+        reduce, gather = kind != "allgather", kind != "reduce_scatter"
+        as_numpy = dtype in _NUMPY_DTYPES
+        bounds = split.bounds(n)
+        data = []
+        for q, (window_id, offset) in enumerate(inputs):
+            window = self.scratch if window_id == _SCRATCH else self.buffers[window_id]
+            data.append(window.segment(q, dtype, as_numpy)[offset : offset + n])
+        plan = _Plan()
+        plan.lo, plan.hi = lo, hi = bounds[self.me]
+        plan.sources = [data[q][lo:hi] for q in self.peers] if reduce else []
+        private = inputs[self.me][0] == _SCRATCH
+        plan.publish = data[self.me][lo:hi] if reduce and gather and private else None
+        plan.gather_from = [(bounds[q][0], bounds[q][1], data[q][bounds[q][0] : bounds[q][1]])
+                            for q in self.peers if gather and bounds[q][1] > bounds[q][0]]
+        any_shared = any(window_id != _SCRATCH for window_id, _ in inputs)
+        plan.sync_after_reduce = reduce and (gather or any_shared)
+        plan.sync_after_gather = gather and any_shared
+        if len(self.plans) >= _CACHE_ENTRIES:
+            self.plans.clear()
+        self.plans[(kind, split, n, dtype, inputs)] = plan
+        return plan
 
-    def _reduce(self, target, sources, divisor: int, wide: bool) -> None:
-        """target = sum(sources) / divisor, element-wise; fp32 sums when ``wide`` (half types)."""
-        m = len(target)
+    def _reduce(self, own, sources, divisor: int, dtype: torch.dtype, publish) -> None:
+        """own = (own + sum(sources)) / divisor, block by block so each block is summed, divided
+        (and copied to ``publish``) while it is in cache; fp32 sums for float16 and bfloat16."""
+        m = len(own)
         if m == 0:
             return
-        block = m if len(sources) <= 2 else REDUCE_BLOCK  # > 2 inputs: keep the sum in cache
-        accumulator = self.accumulator_for(min(block, m)) if wide else None
+        wide = dtype in (torch.float16, torch.bfloat16)
+        block = min(m, REDUCE_BLOCK)
+        accumulator = self.accumulator_for(block, dtype in _NUMPY_DTYPES) if wide else None
         for start in range(0, m, block):
             stop = min(start + block, m)
-            parts = [source[start:stop] for source in sources]
+            mine = own[start:stop]
+            parts = [mine] + [source[start:stop] for source in sources]
             if wide:
                 acc = accumulator[: stop - start]
-                acc_view = acc.numpy() if isinstance(target, np.ndarray) else acc
-                _sum_into(acc_view, parts, divisor)
-                _copy(target[start:stop], acc_view)
+                _sum_into(acc, parts, divisor)
+                _copy(mine, acc)
             else:
-                _sum_into(target[start:stop], parts, divisor)
+                _sum_into(mine, parts, divisor)
+            if publish is not None:
+                _copy(publish[start:stop], mine)
+
+
+def _oversubscribed() -> bool:
+    """More of this job's ranks on this machine than cores we may run on (launcher's env vars)."""
+    for variable in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value) > len(os.sched_getaffinity(0))
+    return False
 
 
 def _copy(dst, src) -> None:
@@ -427,8 +517,8 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") 
     p = node.Get_size()
     if p == 1 or buf.numel() == 0:
         return buf.div_(p) if op == "avg" and p > 1 else buf
-    bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
-    return _group(node).run(buf, "allreduce", bounds, p if op == "avg" else 1)
+    group = _group(node)
+    return group.run(buf, "allreduce", group.even, p if op == "avg" else 1)
 
 
 def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
@@ -443,8 +533,8 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     p, me = node.Get_size(), node.Get_rank()
     lo, hi = shard_bounds(buf.numel(), p, me)
     if p > 1 and buf.numel() > 0:
-        bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
-        _group(node).run(buf, "reduce_scatter", bounds, p if op == "avg" else 1)
+        group = _group(node)
+        group.run(buf, "reduce_scatter", group.even, p if op == "avg" else 1)
     return buf[lo:hi]
 
 
@@ -456,8 +546,8 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
     comm, node = _node_of(comm)
     p = node.Get_size()
     if p > 1 and buf.numel() > 0:
-        bounds = [shard_bounds(buf.numel(), p, q) for q in range(p)]
-        _group(node).run(buf, "allgather", bounds, 1)
+        group = _group(node)
+        group.run(buf, "allgather", group.even, 1)
     return buf
 
 
@@ -473,10 +563,9 @@ def alloc_shared_buffer(numel: int, dtype: torch.dtype = torch.float32, comm: MP
     if numel < 0:
         raise ValueError(f"alloc_shared_buffer: numel {numel} must be >= 0")
     group = _group(world.node_comm(comm or world.WORLD))
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = _ELEMENT_SIZES[dtype]
     window = _SharedWindow(group.node, max(numel * element_size, 64))
-    group.buffers[group.next_buffer_id] = window
-    group.next_buffer_id += 1
+    group.add_buffer(window)
     segment = torch.frombuffer(window._memory[group.me], dtype=torch.uint8)
     return segment[: numel * element_size].view(dtype)
 
@@ -487,4 +576,4 @@ def free_shared_buffer(tensor: torch.Tensor, comm: MPI.Comm | None = None) -> No
     where = group.locate(tensor)
     if where is None:
         raise ValueError("free_shared_buffer: tensor does not lie in a buffer from alloc_shared_buffer")
-    group.buffers.pop(where[0]).free()  # collective over the node
+    group.free_buffer(where[0])  # collective over the node
