@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 from mpilm import checkpoint, models, train
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
+from mpilm.errors import UsageError
 from mpilm.timing import PhaseTimer
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
@@ -103,3 +104,37 @@ def test_mpiio_run_and_grad_accum(tmp_path_factory):
     summary = train.run([*TINY, "--steps", "10", "--data-io", "mpiio", "--grad-accum", "2", "--optimizer", "sgd",
                          "--lr", "0.05", "--out", out])
     assert summary["steps"] == 10 and summary["final_val_loss"] < summary["initial_val_loss"]
+
+
+def loss_curve(tmp_path_factory, name, args):
+    """Rank-averaged loss of each of 20 steps (on rank 0; None elsewhere)."""
+    out = shared_tmp(tmp_path_factory, name)
+    train.run([*TINY, "--steps", "20", "--log-every", "1", "--eval-every", "20", "--eval-batches", "1",
+               "--bucket-mb", "0.01", "--out", out, *args])
+    if MPI.COMM_WORLD.rank == 0:
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return torch.tensor([row["loss"] for row in rows])
+    return None
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_allreduce_algorithm_gives_the_same_loss_curve(tmp_path_factory, monkeypatch):
+    """20 steps with each --allreduce: the logged (rank-averaged) losses agree to fp tolerance."""
+    from mpilm import config
+    from mpilm.comm import world
+
+    curves = {}
+    one_node = world.local_size() == MPI.COMM_WORLD.size
+    for algorithm in config.ALLREDUCE_ALGORITHMS:
+        if algorithm == "shm" and not one_node:
+            with pytest.raises(UsageError, match="use --allreduce hier"):
+                train.run([*TINY, "--steps", "1", "--allreduce", "shm"])
+            continue
+        curves[algorithm] = loss_curve(tmp_path_factory, f"algo-{algorithm}", ["--allreduce", algorithm])
+    # hier again over fake nodes of one rank each, so its between-node stage runs at any -np
+    monkeypatch.setenv("MPILM_RANKS_PER_NODE", "1")
+    curves["hier, 1-rank nodes"] = loss_curve(tmp_path_factory, "algo-hier-nodes", ["--allreduce", "hier"])
+    if MPI.COMM_WORLD.rank == 0:
+        for algorithm, curve in curves.items():
+            assert len(curve) == 20
+            torch.testing.assert_close(curve, curves["mpi"], atol=2e-4, rtol=0, msg=algorithm)
