@@ -31,6 +31,7 @@ from tqdm import tqdm
 from mpilm import checkpoint, config, data, models, optim
 from mpilm.comm import collectives, world
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
+from mpilm.errors import UsageError
 from mpilm.timing import PHASES, PhaseTimer, Tracer, format_run_metrics, format_table, run_metrics
 
 
@@ -90,6 +91,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     cfg = config.parse(argv, quiet=rank != 0)
     device = world.pick_device(cfg.device)
+    if cfg.allreduce == "shm" and world.local_size() != n_ranks:  # the same verdict on every rank
+        raise UsageError(f"--allreduce shm: the job spans several nodes ({world.local_size()} of {n_ranks} ranks "
+                         "on this one); shm works within one node, use --allreduce hier")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     t_load = time.perf_counter()
@@ -105,6 +109,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     tracer = Tracer(rank, cfg.trace_steps) if cfg.trace else None
     timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
     out = Path(cfg.out)
+    # collective on first use (auto may look at the node layout), so every rank asks
+    auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters | "
               f"{len(grads.buckets)} gradient bucket(s) of up to {max(block_sizes) / 2**20:.2f} MiB | "
               f"allreduce {cfg.allreduce}")
+        if auto_choice:
+            print("auto allreduce per bucket size: " + ", ".join(f"{size / 2**20:.2f} MiB -> {algo}" for size, algo in auto_choice))
         print(f"data: {corpus.n_train:,} training tokens, {corpus.block.numel():,} per rank, "
               f"{corpus.val.numel():,} validation | cache {corpus.cache_path} "
               f"({'built' if corpus.built_now else 'reused'}, {t_load:.1f}s, {cfg.data_io})")
