@@ -28,10 +28,10 @@ def pytest_configure(config):
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.Get_rank() != 0:
-            config.option.verbose = -2
-            reporter = config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                config.pluginmanager.unregister(reporter)
+            # one report per run: other ranks' stdout goes nowhere, their stderr (failures) stays
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
 
 
 def pytest_runtest_logreport(report):
