@@ -1,0 +1,453 @@
+"""Gradient compressors: each one averages a gradient bucket over the ranks, in place, its own way.
+
+Public API (grad sync calls it once per bucket and step):
+    make_compressor(name, *, topk_ratio=0.01, error_feedback=True, aggregate="allgather",
+                    momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0)
+    compressor.allreduce_(bucket, key, comm, algorithm, step)   average ``bucket`` over ``comm``
+    compressor.name, compressor.describe()                      one line for the start banner
+    COMPRESSORS, TOPK_AGGREGATES                                 the names ``make_compressor`` takes
+
+The compressors:
+- ``none``: ``collectives.allreduce(bucket, comm, algorithm, "avg")``.
+- ``fp16`` / ``bf16``: the bucket is copied into a cached half-precision buffer (one per key, so no
+  allocation per step), averaged by the collectives (which add half types in fp32) and copied
+  back. Half the bytes; fp16 overflows above 65504 and flushes magnitudes below ~6e-8 to zero,
+  bf16 keeps fp32's range with 8 bits of mantissa.
+- ``topk``: per bucket, the k = ceil(density x n) entries of largest magnitude of gradient plus
+  residual travel as (int32 index, fp32 value) pairs. With error feedback (default) what was not
+  sent stays in this rank's residual for that bucket and is added next step: the pairs sent plus
+  the new residual equal the gradient plus the old residual exactly. Selection, the fused residual
+  update and the sparse accumulation run in ``mpilm.kernels`` (C++/CUDA, or the torch twin that
+  returns the same bits). Two ways to combine the ranks' pairs:
+    * ``allgather``: every rank's k pairs go to every rank (one ``Allgather`` of a packed
+      [k indices | k values] buffer; k is the same on every rank, so no counts are exchanged);
+      each rank adds them into the zeroed bucket in rank order (duplicates summed, identical bits
+      on every rank), then divides by p. Each rank sends and receives 8k(p-1) bytes.
+    * ``gtopk`` (Shi et al. 2019, global top-k): recursive doubling; in each round partners swap
+      their k pairs, merge them (duplicate indices summed, lower rank's set first so both partners
+      compute the same bits) and keep the top k of the merge, so after lg p rounds every rank
+      holds the same k pairs, having moved 2k lg p pairs. Who keeps what is dropped: each rank
+      remembers which of *its own* k pairs are still part of its group's set; an entry dropped in
+      any round is dead for every contributor in that group, and at the end each rank adds its own
+      dead pairs back into its residual. The final value at an index is exactly the sum of the
+      live contributions, so sent + residuals == gradients + old residuals over all ranks.
+      Non-power-of-two p: the standard fold-in. With p2 the largest power of two <= p, rank
+      r >= p2 sends its pairs to rank r - p2, which merges them first (its own set first), runs
+      the rounds for both and at the end returns the final pairs plus one byte per pair saying
+      which of the folded rank's pairs survived.
+  When sparse would move at least as many bytes as a dense ring allreduce (8k(p-1) vs
+  2(p-1)/p x 4n for allgather, 8k per round for gtopk), the bucket goes dense instead, with the
+  residual (and DGC velocity) added in and cleared, so nothing is held back; rank 0 says so once.
+  The decision uses only n, k, p and the options, so it is identical on every rank.
+- DGC options of ``topk`` (Lin et al. 2018):
+    * ``momentum_correction``: accumulate velocity u = m u + g and v += u (v is the residual),
+      send top-k of v, zero the sent entries of u and v. The trainer must then run plain SGD
+      without momentum (the compressor has applied it); config.py enforces --optimizer sgd.
+    * ``local_clip``: before accumulation, scale this rank's bucket gradient to an L2 norm of at
+      most local_clip / sqrt(p) (DGC's local clipping: if the p ranks' gradients were independent,
+      their sum would then have norm at most local_clip). Per bucket, the unit the compressor sees.
+    * ``warmup_steps``: the density decays exponentially from 25% at step 0 to the target at step
+      ``warmup_steps`` (density(step) = 0.25 (target/0.25)^(step/warmup_steps)), target after.
+- Bytes: every MPI call made here adds what it moves to ``world.traffic`` (the dense paths are
+  counted by the collectives), so the compression ratio is measured, not computed.
+
+What it does not: no bucketing or scheduling (``grad_sync.py``); no checkpointing of residuals
+(a resumed run starts with empty residuals: the gradient mass held back at the save is lost once).
+
+Limits: ``topk`` needs float32 buckets of fewer than 2^31 elements; every rank must call with the
+same bucket sizes, keys, steps and options (the pair counts are derived, not exchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from mpi4py import MPI
+
+from mpilm import kernels
+from mpilm.comm import collectives, p2p, world
+from mpilm.errors import UsageError
+
+COMPRESSORS = ("none", "fp16", "bf16", "topk")
+TOPK_AGGREGATES = ("allgather", "gtopk")
+WARMUP_START_DENSITY = 0.25
+PAIR_BYTES = 8  # int32 index + fp32 value
+_TAG_GTOPK = 7301
+
+
+# ---------------------------------------------------------------- schedule and byte model
+def density_at(step: int, target: float, warmup_steps: int) -> float:
+    """Density of step ``step``: exponential decay from 25% to ``target`` over ``warmup_steps``."""
+    if warmup_steps <= 0 or step >= warmup_steps or target >= WARMUP_START_DENSITY:
+        return target
+    return WARMUP_START_DENSITY * (target / WARMUP_START_DENSITY) ** (max(step, 0) / warmup_steps)
+
+
+def topk_count(n: int, density: float) -> int:
+    """k = ceil(density x n), at least 1 for a non-empty bucket (round-off like 0.07*100 forgiven)."""
+    if n == 0:
+        return 0
+    return min(n, max(1, math.ceil(density * n * (1.0 - 1e-12))))
+
+
+def gtopk_rounds(p: int) -> int:
+    """Messages each rank sends in gtopk: lg p2 rounds, plus one for ranks in a fold-in."""
+    p2 = 1 << (p.bit_length() - 1)
+    return (p2.bit_length() - 1) + (1 if p > p2 else 0)
+
+
+def sparse_bytes(k: int, p: int, aggregate: str) -> int:
+    """Bytes one rank sends to exchange k pairs over p ranks (the most any rank sends)."""
+    if p <= 1:
+        return 0
+    if aggregate == "gtopk":
+        return PAIR_BYTES * k * gtopk_rounds(p)
+    return PAIR_BYTES * k * (p - 1)
+
+
+def dense_bytes(n: int, p: int) -> int:
+    """Bytes one rank sends in a bandwidth-optimal (ring) allreduce of n fp32 values."""
+    return 2 * (p - 1) * 4 * n // p if p > 1 else 0
+
+
+def goes_dense(n: int, k: int, p: int, aggregate: str) -> bool:
+    """True when a dense allreduce moves no more bytes than the sparse exchange (never for p == 1)."""
+    return p > 1 and sparse_bytes(k, p, aggregate) >= dense_bytes(n, p)
+
+
+# ---------------------------------------------------------------- compressors
+class Compressor:
+    name = "none"
+
+    def describe(self) -> str:
+        return "none: dense fp32 allreduce"
+
+    def allreduce_(self, bucket: torch.Tensor, key: int, comm: MPI.Comm | None, algorithm: str, step: int) -> None:
+        collectives.allreduce(bucket, comm or world.WORLD, algorithm, "avg")
+
+
+class HalfPrecision(Compressor):
+    """Gradients travel in fp16 or bf16; the collectives add them in fp32."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = "fp16" if dtype == torch.float16 else "bf16"
+        self._half: dict[int, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        return f"{self.name}: gradients travel as {self.name} (2 bytes per element), added in fp32, cast back to fp32"
+
+    def allreduce_(self, bucket, key, comm, algorithm, step):
+        comm = comm or world.WORLD
+        if bucket.dtype == self.dtype:
+            collectives.allreduce(bucket, comm, algorithm, "avg")
+            return
+        half = self._half.get(key)
+        if half is None or half.numel() != bucket.numel() or half.device != bucket.device:
+            half = self._half[key] = torch.empty(bucket.numel(), dtype=self.dtype, device=bucket.device)
+        half.copy_(bucket)
+        collectives.allreduce(half, comm, algorithm, "avg")
+        bucket.copy_(half)
+
+
+@dataclass
+class _TopkState:
+    """Per-bucket state of the top-k compressor."""
+
+    numel: int
+    residual: torch.Tensor | None
+    velocity: torch.Tensor | None
+    # packed pairs [k int32 indices | k fp32 values as int32 bits], grown to the largest k seen
+    pack: torch.Tensor | None = None
+    buffers: dict = field(default_factory=dict)
+
+
+class TopK(Compressor):
+    name = "topk"
+
+    def __init__(self, ratio: float, error_feedback: bool, aggregate: str, momentum_correction: bool,
+                 momentum: float, local_clip: float, warmup_steps: int):
+        self.ratio = ratio
+        self.error_feedback = error_feedback
+        self.aggregate = aggregate
+        self.momentum_correction = momentum_correction
+        self.momentum = momentum
+        self.local_clip = local_clip
+        self.warmup_steps = warmup_steps
+        self._state: dict[int, _TopkState] = {}
+        self._dense_reported = False
+        kernels.load()  # build or load now (serialised across the ranks of a node), not in step 1
+
+    def describe(self) -> str:
+        parts = [f"topk: density {self.ratio:g} (k = ceil(density x n) per bucket)",
+                 "error feedback" if self.error_feedback else "no error feedback (unsent entries dropped)"]
+        if self.aggregate == "gtopk":
+            parts.append("gtopk: global top-k by recursive doubling, 2k lg p pairs per rank")
+        else:
+            parts.append("allgather of (int32 index, fp32 value) pairs")
+        if self.momentum_correction:
+            parts.append(f"DGC momentum correction (m={self.momentum:g}; optimizer runs without momentum)")
+        if self.local_clip > 0:
+            parts.append(f"local clip {self.local_clip:g}/sqrt(p) per bucket")
+        if self.warmup_steps > 0:
+            parts.append(f"density warm-up 25% -> {self.ratio:g} over {self.warmup_steps} steps")
+        parts.append(f"kernels: {kernels.status()}")
+        return ", ".join(parts)
+
+    def density(self, step: int) -> float:
+        return density_at(step, self.ratio, self.warmup_steps)
+
+    # ------------------------------------------------------------ per-step entry point
+    def allreduce_(self, bucket, key, comm, algorithm, step):
+        comm = comm or world.WORLD
+        if bucket.dtype != torch.float32:
+            raise TypeError(f"topk compression needs float32 gradient buckets, got {bucket.dtype}")
+        n = bucket.numel()
+        if n == 0:
+            return
+        p = comm.Get_size()
+        state = self._bucket_state(key, bucket)
+        k = topk_count(n, self.density(step))
+        if self.local_clip > 0:
+            self._clip_local_(bucket, p)
+        if goes_dense(n, k, p, self.aggregate):
+            self._report_dense(comm, key, n, k, p)
+            self._dense_(bucket, state, comm, algorithm)
+            return
+        if self.momentum_correction:
+            state.velocity.mul_(self.momentum).add_(bucket)  # u = m u + g
+            source = state.velocity
+        else:
+            source = bucket
+        idx, val = self._select(source, state, k)
+        if self.aggregate == "gtopk":
+            delivered = self._gtopk_exchange_(bucket, state, idx, val, k, comm)
+        else:
+            self._allgather_exchange_(bucket, state, k, comm)
+            delivered = idx
+        if self.momentum_correction:
+            state.velocity.index_fill_(0, delivered.long(), 0.0)  # DGC momentum factor masking
+
+    # ------------------------------------------------------------ pieces
+    def _bucket_state(self, key: int, bucket: torch.Tensor) -> _TopkState:
+        state = self._state.get(key)
+        if state is None:
+            zeros = lambda: torch.zeros(bucket.numel(), dtype=torch.float32, device=bucket.device)  # noqa: E731
+            state = self._state[key] = _TopkState(
+                numel=bucket.numel(),
+                residual=zeros() if self.error_feedback else None,
+                velocity=zeros() if self.momentum_correction else None)
+        elif state.numel != bucket.numel():
+            raise ValueError(f"topk: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
+        return state
+
+    def _clip_local_(self, bucket: torch.Tensor, p: int) -> None:
+        limit = self.local_clip / math.sqrt(p)
+        # stays a tensor: no host sync on CUDA
+        bucket.mul_(torch.clamp(limit / (bucket.norm() + 1e-6), max=1.0))
+
+    def _report_dense(self, comm, key, n, k, p) -> None:
+        if self._dense_reported:
+            return
+        self._dense_reported = True
+        if comm.Get_rank() == 0:
+            print(f"warning: topk: bucket {key} ({n} elements, k={k}) goes dense at {p} ranks: the sparse "
+                  f"{self.aggregate} would send {sparse_bytes(k, p, self.aggregate)} bytes per rank, a dense "
+                  f"allreduce {dense_bytes(n, p)} (further dense buckets are not reported)", flush=True)
+
+    def _dense_(self, bucket, state, comm, algorithm) -> None:
+        """Dense transport with the same bookkeeping: everything held back is sent now."""
+        if self.momentum_correction:
+            state.velocity.mul_(self.momentum).add_(bucket)
+            bucket.copy_(state.velocity)
+            state.velocity.zero_()
+        if self.error_feedback:
+            bucket.add_(state.residual)
+            state.residual.zero_()
+        collectives.allreduce(bucket, comm, algorithm, "avg")
+
+    def _pack(self, state: _TopkState, k: int, device) -> torch.Tensor:
+        if state.pack is None or state.pack.numel() < 2 * k:
+            state.pack = torch.empty(2 * k, dtype=torch.int32, device=device)
+        return state.pack[: 2 * k]
+
+    def _buffer(self, state: _TopkState, name: str, numel: int, dtype=torch.int32, device="cpu") -> torch.Tensor:
+        """A per-bucket scratch buffer grown to the largest size asked for (k shrinks in warm-up)."""
+        buf = state.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = state.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def _select(self, source: torch.Tensor, state: _TopkState, k: int):
+        """k pairs written straight into the pack buffer: int32 indices, then fp32 values."""
+        pack = self._pack(state, k, source.device)
+        out_idx, out_val = pack[:k], pack[k:].view(torch.float32)
+        if self.error_feedback:
+            kernels.residual_topk(source, state.residual, k, out_idx, out_val)
+        else:
+            kernels.topk(source, k, out_idx, out_val)
+        return out_idx, out_val
+
+    def _on_wire(self, state: _TopkState, t: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` itself when MPI can read it, else a host copy (CUDA without CUDA-aware MPI)."""
+        if not t.is_cuda or world.cuda_aware():
+            return t
+        host = self._buffer(state, name, t.numel(), t.dtype)
+        host.copy_(t)  # synchronous device-to-host copy: the data is complete when MPI reads it
+        return host
+
+    def _allgather_exchange_(self, bucket, state, k, comm) -> None:
+        p = comm.Get_size()
+        pack = self._on_wire(state, self._pack(state, k, bucket.device), "pack_host")
+        gathered = self._buffer(state, "gathered", p * 2 * k, device=pack.device)
+        if p > 1:
+            p2p.device_sync(pack)  # CUDA-aware MPI reads the selection's output: let it finish
+            memory, _, datatype = world.buf(gathered)
+            # receive spec: 2k words from each rank; blocks until every rank has contributed
+            p2p.private_comm(comm).Allgather(world.buf(pack), [memory, 2 * k, datatype])
+            world.traffic.add(sent=PAIR_BYTES * k * (p - 1), received=PAIR_BYTES * k * (p - 1))
+        else:
+            gathered.copy_(pack)
+        if gathered.device != bucket.device:
+            gathered = gathered.to(bucket.device)
+        rows = gathered.view(p, 2 * k)
+        bucket.zero_()
+        for r in range(p):  # rank order: every rank adds the same values in the same order
+            kernels.sparse_accumulate(bucket, rows[r, :k], rows[r, k:].view(torch.float32))
+        bucket.div_(p)
+
+    def _gtopk_exchange_(self, bucket, state, idx, val, k, comm) -> torch.Tensor:
+        """Global top-k by recursive doubling; returns this rank's delivered indices."""
+        p, rank = comm.Get_size(), comm.Get_rank()
+        own_idx, own_val = idx.clone(), val.clone()
+        alive = torch.ones(k, dtype=torch.bool, device=bucket.device)
+        cur_idx, cur_val = idx, val
+        if p > 1:
+            wire = p2p.private_comm(comm)
+            p2 = 1 << (p.bit_length() - 1)
+            if rank >= p2:  # folded in: hand the pairs to rank - p2, get the final set back
+                cur_idx, cur_val, alive = self._gtopk_folded(state, wire, rank - p2, own_idx, own_val, k)
+            else:
+                folded = None
+                if rank + p2 < p:  # proxy of rank + p2: merge its pairs first, own set first
+                    their_idx, their_val = self._recv_pairs(state, wire, rank + p2, k)
+                    cur_idx, cur_val = _merge_top(cur_idx, cur_val, their_idx, their_val, k)
+                    folded = (their_idx, their_val, torch.isin(their_idx, cur_idx, assume_unique=True))
+                    alive &= torch.isin(own_idx, cur_idx, assume_unique=True)
+                distance = 1
+                while distance < p2:
+                    partner = rank ^ distance
+                    their_idx, their_val = self._swap_pairs(state, wire, partner, cur_idx, cur_val, k)
+                    if rank < partner:
+                        cur_idx, cur_val = _merge_top(cur_idx, cur_val, their_idx, their_val, k)
+                    else:
+                        cur_idx, cur_val = _merge_top(their_idx, their_val, cur_idx, cur_val, k)
+                    alive &= torch.isin(own_idx, cur_idx, assume_unique=True)
+                    if folded is not None:
+                        folded = (folded[0], folded[1], folded[2] & torch.isin(folded[0], cur_idx, assume_unique=True))
+                    distance *= 2
+                if folded is not None:
+                    self._return_to_folded(state, wire, rank + p2, cur_idx, cur_val, folded[2], k)
+        bucket.zero_()
+        kernels.sparse_accumulate(bucket, cur_idx, cur_val)
+        bucket.div_(p)
+        if self.error_feedback:
+            dropped = ~alive
+            # own pairs that did not survive go back where they came from (their residual slots are 0)
+            kernels.sparse_accumulate(state.residual, own_idx[dropped], own_val[dropped])
+        return own_idx[alive]
+
+    # gtopk messages: one packed [k indices | k values] buffer each way per round
+    def _packed(self, state, name, cur_idx, cur_val, k, device) -> torch.Tensor:
+        out = self._buffer(state, name, 2 * k, device=device)
+        out[:k].copy_(cur_idx)
+        out[k:].view(torch.float32).copy_(cur_val)
+        return out
+
+    def _unpacked(self, packed: torch.Tensor, k: int, device):
+        packed = packed.to(device)
+        return packed[:k].clone(), packed[k:].view(torch.float32).clone()
+
+    def _wire_device(self, t: torch.Tensor):
+        return t.device if (not t.is_cuda or world.cuda_aware()) else torch.device("cpu")
+
+    def _swap_pairs(self, state, wire, partner, cur_idx, cur_val, k):
+        device = self._wire_device(cur_idx)
+        send = self._packed(state, "send", cur_idx, cur_val, k, device)
+        recv = self._buffer(state, "recv", 2 * k, device=device)
+        p2p.device_sync(send)
+        # blocks until the partner has sent its set and taken ours
+        wire.Sendrecv(world.buf(send), partner, _TAG_GTOPK, world.buf(recv), partner, _TAG_GTOPK)
+        world.traffic.add(sent=PAIR_BYTES * k, received=PAIR_BYTES * k)
+        return self._unpacked(recv, k, cur_idx.device)
+
+    def _recv_pairs(self, state, wire, source, k):
+        device = self._wire_device(state.pack)
+        recv = self._buffer(state, "recv", 2 * k, device=device)
+        wire.Recv(world.buf(recv), source, _TAG_GTOPK)  # blocks until the folded rank has sent
+        world.traffic.add(received=PAIR_BYTES * k)
+        return self._unpacked(recv, k, state.pack.device)
+
+    def _return_to_folded(self, state, wire, dest, cur_idx, cur_val, their_alive, k):
+        device = self._wire_device(cur_idx)
+        send = self._packed(state, "send", cur_idx, cur_val, k, device)
+        flags = self._buffer(state, "flags", k, dtype=torch.uint8, device=device)
+        flags.copy_(their_alive)
+        p2p.device_sync(send)
+        wire.Send(world.buf(send), dest, _TAG_GTOPK)  # blocks until the folded rank receives
+        wire.Send(world.buf(flags), dest, _TAG_GTOPK + 1)
+        world.traffic.add(sent=PAIR_BYTES * k + k)
+
+    def _gtopk_folded(self, state, wire, proxy, own_idx, own_val, k):
+        device = self._wire_device(own_idx)
+        send = self._packed(state, "send", own_idx, own_val, k, device)
+        p2p.device_sync(send)
+        wire.Send(world.buf(send), proxy, _TAG_GTOPK)  # blocks until the proxy receives
+        recv = self._buffer(state, "recv", 2 * k, device=device)
+        flags = self._buffer(state, "flags", k, dtype=torch.uint8, device=device)
+        wire.Recv(world.buf(recv), proxy, _TAG_GTOPK)  # blocks until the proxy has finished its rounds
+        wire.Recv(world.buf(flags), proxy, _TAG_GTOPK + 1)
+        world.traffic.add(sent=PAIR_BYTES * k, received=PAIR_BYTES * k + k)
+        cur_idx, cur_val = self._unpacked(recv, k, own_idx.device)
+        return cur_idx, cur_val, flags.to(own_idx.device).bool()
+
+
+def _merge_top(first_idx, first_val, second_idx, second_val, k):
+    """Union of two sparse sets (duplicate indices summed, ``first`` added first), then its top k.
+
+    Both inputs have unique indices; the result comes out in increasing index order.
+    """
+    union, slot = torch.unique(torch.cat([first_idx, second_idx]), sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)
+    kernels.sparse_accumulate(summed, slot.to(torch.int32), torch.cat([first_val, second_val]))
+    pos, val = kernels.topk(summed, k)
+    return union[pos.long()], val
+
+
+# ---------------------------------------------------------------- construction
+def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool = True,
+                    aggregate: str = "allgather", momentum_correction: bool = False, momentum: float = 0.9,
+                    local_clip: float = 0.0, warmup_steps: int = 0) -> Compressor:
+    """The compressor ``name`` (one of COMPRESSORS). Raises UsageError naming the bad option."""
+    if name not in COMPRESSORS:
+        raise UsageError(f"--compress {name}: expected one of {', '.join(COMPRESSORS)}")
+    if name == "none":
+        return Compressor()
+    if name in ("fp16", "bf16"):
+        return HalfPrecision(torch.float16 if name == "fp16" else torch.bfloat16)
+    if not (isinstance(topk_ratio, (int, float)) and 0 < topk_ratio <= 1):
+        raise UsageError(f"--topk-ratio {topk_ratio}: expected a density in (0, 1], e.g. 0.01")
+    if aggregate not in TOPK_AGGREGATES:
+        raise UsageError(f"--topk-aggregate {aggregate}: expected one of {', '.join(TOPK_AGGREGATES)}")
+    if momentum_correction and not error_feedback:
+        raise UsageError("--momentum-correction accumulates velocity in the residual: it needs --error-feedback")
+    if not 0 <= momentum < 1:
+        raise UsageError(f"--momentum {momentum}: expected a value in [0, 1)")
+    if not (local_clip >= 0 and math.isfinite(local_clip)):
+        raise UsageError(f"--local-clip {local_clip}: expected a norm >= 0 (0 disables)")
+    if warmup_steps < 0:
+        raise UsageError(f"--topk-warmup-steps {warmup_steps}: expected a whole number >= 0")
+    return TopK(float(topk_ratio), bool(error_feedback), aggregate, bool(momentum_correction),
+                float(momentum), float(local_clip), int(warmup_steps))
