@@ -20,7 +20,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import collectives, ring, rhd, tree, tuning, world
+from mpilm.comm import collectives, p2p, ring, rhd, tree, tuning, world
 from mpilm.comm.collectives import shard_bounds
 
 torch.set_num_threads(1)  # up to 5 ranks share 2 cores
@@ -219,6 +219,21 @@ def test_auto_choice_is_the_same_on_every_rank():
     names = [name for _, name in collectives.describe_auto(sizes)]
     every = COMM.allgather(names)
     assert all(other == names for other in every)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.collectives
+def test_prepare_does_the_collective_set_up_up_front():
+    sub = COMM.Split(color=0, key=RANK)  # a fresh communicator: nothing cached on it yet
+    try:
+        assert sub.Get_attr(p2p._PRIVATE_KEYVAL) is None
+        collectives.prepare(sub)
+        assert sub.Get_attr(p2p._PRIVATE_KEYVAL) is not None
+        buf = torch.ones(33)
+        collectives.allreduce(buf, sub, "auto", "sum")
+        assert torch.equal(buf, torch.full((33,), float(P)))
+    finally:
+        sub.Free()  # frees the private duplicate too
 
 
 # ---------------------------------------------------------------- serial tests

@@ -6,6 +6,7 @@ Public API (kept stable; grad sync, ZeRO-1 and the benchmarks call it):
     allgather(buf, comm=None, algorithm="ring") -> buf, every slice filled from its owner
     shard_bounds(n, p, r) -> (start, stop) of rank r's slice: the one definition of ownership
     describe_auto(sizes_bytes, comm=None, dtype=torch.float32) -> [(size, algorithm), ...]
+    prepare(comm=None): the collective first-use set-up, done up front (before a comm thread starts)
     ALGORITHMS: the names ``allreduce`` accepts
 
 Algorithms (each in its own module, all taking ``(buf, comm, op)``):
@@ -174,6 +175,22 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = 
     estimate = (p - 1) * n * buf.element_size() // p
     world.traffic.add(sent=estimate, received=estimate)
     return buf
+
+
+def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
+    """Do every collective first-use set-up on ``comm`` now: call on all ranks, from the main thread.
+
+    The algorithms create a private duplicate of ``comm`` and ``auto`` loads its tuning table on
+    first use; both are collective over ``comm``. A trainer that later calls ``allreduce`` from a
+    communication thread calls this first, so that set-up never races its main thread's own
+    collectives on the same communicator.
+    """
+    from mpilm.comm import p2p, tuning
+
+    comm = comm or world.WORLD
+    p2p.private_comm(comm)
+    if comm.Get_size() > 1:
+        tuning.rules(comm, torch.float32, tuning_file)
 
 
 def describe_auto(sizes_bytes, comm: MPI.Comm | None = None, dtype: torch.dtype = torch.float32,

@@ -39,7 +39,11 @@ from mpilm.comm import world
 # double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
 RECV_WINDOW = 3
 
-_PRIVATE_KEYVAL = MPI.Comm.Create_keyval()
+def _free_private(comm: MPI.Comm, keyval: int, private: MPI.Comm) -> None:
+    private.Free()  # the duplicate goes when its communicator is freed
+
+
+_PRIVATE_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_private)
 
 
 def private_comm(comm: MPI.Comm) -> MPI.Comm:

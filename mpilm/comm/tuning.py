@@ -41,7 +41,6 @@ DEFAULT_PATH = Path("~/.cache/mpilm/allreduce-tuning.json")
 CHOOSABLE = ("ring", "rhd", "tree", "shm", "hier", "mpi")
 
 KIB = 1 << 10
-MIB = 1 << 20
 
 _explicit_path: Path | None = None
 _generation = 0
@@ -54,16 +53,17 @@ class TuningFileError(ValueError):
 
 
 def builtin_rules(world_size: int) -> list[list]:
-    """Rules used without a tuning file, from measurements on shared-memory nodes (see docs/).
+    """Rules used without a tuning file (alpha-beta reasoning, checked on the -np 2 sweep in
+    ``docs/figures/allreduce-np2.json``).
 
-    Small messages are latency-bound: recursive doubling (lg p steps). Above that, Rabenseifner
-    (2 lg p steps, bandwidth-optimal) at power-of-two sizes; elsewhere its fold-in doubles the
-    traffic of some ranks, so the ring takes over for large messages.
+    Small messages are latency-bound: recursive doubling (``tree``, lg p steps, one blocking
+    exchange each). Above that at power-of-two sizes Rabenseifner (``rhd``): bandwidth-optimal
+    with 2 lg p steps. At other sizes its fold-in sends the whole vector twice more on some
+    ranks, which costs more than the ring's extra latency steps, so the ring takes over.
     """
-    power_of_two = world_size & (world_size - 1) == 0
-    if power_of_two:
+    if world_size & (world_size - 1) == 0:
         return [[64 * KIB, "tree"], [None, "rhd"]]
-    return [[32 * KIB, "tree"], [1 * MIB, "rhd"], [None, "ring"]]
+    return [[32 * KIB, "tree"], [None, "ring"]]
 
 
 def use_file(path: str | os.PathLike | None) -> None:
