@@ -48,6 +48,11 @@ test-mpi: install
 bench: install
 	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
 
+# compression kernels (C++, plus CUDA when torch sees a GPU) built ahead of time into the cache;
+# without this the first use JIT-builds them (~25 s); exits 1 when they cannot be built
+kernels: install
+	$(BIN)/python -m mpilm.kernels
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
