@@ -32,7 +32,7 @@ import importlib
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import world
+from mpilm.comm import p2p, tuning, world
 
 ALGORITHMS = ("ring", "rhd", "tree", "shm", "hier", "mpi", "auto")
 # algorithms whose halves are exposed as reduce_scatter / allgather (same slice ownership)
@@ -66,8 +66,6 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = 
     if p == 1 or buf.numel() == 0:
         return _finish(buf, p, op)
     if algorithm == "auto":
-        from mpilm.comm import tuning
-
         algorithm = tuning.choose(buf.numel() * buf.element_size(), comm, buf.dtype)
     if algorithm == "mpi":
         return mpi_allreduce(buf, comm, op)
@@ -90,9 +88,7 @@ def _module(algorithm: str):
 
 
 def _finish(buf: torch.Tensor, p: int, op: str) -> torch.Tensor:
-    if op == "avg" and p > 1:
-        buf.div_(p)
-    return buf
+    return p2p.finish(buf, p, op)
 
 
 def mpi_allreduce(buf: torch.Tensor, comm: MPI.Comm, op: str = "avg") -> torch.Tensor:
@@ -134,7 +130,7 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     if p == 1 or buf.numel() == 0:
         return _finish(mine, p, op)
     if algorithm == "ring":
-        from mpilm.comm import p2p, ring
+        from mpilm.comm import ring
 
         ring.reduce_scatter_sum(buf, p2p.private_comm(comm))
         return _finish(mine, p, op)
@@ -161,7 +157,7 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = 
     if p == 1 or buf.numel() == 0:
         return buf
     if algorithm == "ring":
-        from mpilm.comm import p2p, ring
+        from mpilm.comm import ring
 
         ring.allgather(buf, p2p.private_comm(comm))
         return buf
@@ -185,8 +181,6 @@ def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
     communication thread calls this first, so that set-up never races its main thread's own
     collectives on the same communicator.
     """
-    from mpilm.comm import p2p, tuning
-
     comm = comm or world.WORLD
     p2p.private_comm(comm)
     if comm.Get_size() > 1:
@@ -201,8 +195,6 @@ def describe_auto(sizes_bytes, comm: MPI.Comm | None = None, dtype: torch.dtype 
     empty message). Collective on first use per communicator (it loads and broadcasts the tuning
     table), so call it on every rank.
     """
-    from mpilm.comm import tuning
-
     comm = comm or world.WORLD
     if comm.Get_size() == 1:
         return [(int(s), "none") for s in sizes_bytes]
