@@ -226,9 +226,9 @@ def test_auto_choice_is_the_same_on_every_rank():
 def test_prepare_does_the_collective_set_up_up_front():
     sub = COMM.Split(color=0, key=RANK)  # a fresh communicator: nothing cached on it yet
     try:
-        assert sub.Get_attr(p2p._PRIVATE_KEYVAL) is None
+        assert sub.Get_attr(p2p._GROUP_KEYVAL) is None
         collectives.prepare(sub)
-        assert sub.Get_attr(p2p._PRIVATE_KEYVAL) is not None
+        assert sub.Get_attr(p2p._GROUP_KEYVAL) is not None
         buf = torch.ones(33)
         collectives.allreduce(buf, sub, "auto", "sum")
         assert torch.equal(buf, torch.full((33,), float(P)))
@@ -251,14 +251,14 @@ def test_bad_arguments_raise_value_error():
 
 @pytest.mark.parametrize("p", range(1, 18))
 def test_fold_in_map_covers_the_power_of_two_core(p):
-    cores = [rhd.fold_in(p, r) for r in range(p)]
+    cores = [p2p.fold_in(p, r) for r in range(p)]
     core, rem = cores[0][0], cores[0][1]
     assert core & (core - 1) == 0 and core <= p < 2 * core and rem == p - core
     members = [newrank for _, _, newrank in cores if newrank >= 0]
     assert sorted(members) == list(range(core))
     for r, (_, _, newrank) in enumerate(cores):
         if newrank >= 0:
-            assert rhd.core_to_rank(newrank, rem) == r
+            assert p2p.core_to_rank(newrank, rem) == r
 
 
 def test_shard_bounds_partition_any_length():

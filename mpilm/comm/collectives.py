@@ -132,7 +132,7 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     if algorithm == "ring":
         from mpilm.comm import ring
 
-        ring.reduce_scatter_sum(buf, p2p.private_comm(comm))
+        ring.reduce_scatter_sum(buf, comm)
         return _finish(mine, p, op)
     # mpi: the library's Reduce_scatter on an fp32 (or native fp64) copy; cold path, not in place
     wide = buf.float() if buf.dtype in _HALF_TYPES else buf  # only read: the result lands apart
@@ -159,7 +159,7 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = 
     if algorithm == "ring":
         from mpilm.comm import ring
 
-        ring.allgather(buf, p2p.private_comm(comm))
+        ring.allgather(buf, comm)
         return buf
     n = buf.numel()
     counts = [shard_bounds(n, p, q)[1] - shard_bounds(n, p, q)[0] for q in range(p)]
@@ -182,7 +182,7 @@ def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
     collectives on the same communicator.
     """
     comm = comm or world.WORLD
-    p2p.private_comm(comm)
+    p2p.group(comm)
     if comm.Get_size() > 1:
         tuning.rules(comm, torch.float32, tuning_file)
 

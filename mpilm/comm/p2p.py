@@ -1,9 +1,10 @@
 """Point-to-point plumbing shared by mpilm's hand-written collectives (ring, rhd, tree).
 
 What it does:
-- ``private_comm(comm)``: a duplicate of ``comm`` cached on it as an MPI attribute, so the
-  collectives' messages live in their own context and can never match a user's receive (what MPI
-  libraries do internally for their own collectives). Freed with ``comm``.
+- ``group(comm)`` / ``private_comm(comm)``: a duplicate of ``comm`` (cached on it as an MPI
+  attribute, freed with it) so the collectives' messages live in their own context and never
+  match a user's receive, plus what every call would otherwise recompute: size, rank, and the
+  power-of-two fold-in (``fold_in``) that ``rhd`` and ``tree`` share.
 - ``Wire``: one tensor's zero-copy MPI view; ``wire.seg(lo, hi)`` is the ``[memory, count, type]``
   spec of elements ``[lo, hi)`` (numpy slicing on CPU, tensor slicing on CUDA; no copies).
 - ``scratch(like, n, slot)``: segment-sized receive buffers (with their ``Wire``), allocated
@@ -39,20 +40,67 @@ from mpilm.comm import world
 # double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
 RECV_WINDOW = 3
 
-def _free_private(comm: MPI.Comm, keyval: int, private: MPI.Comm) -> None:
-    private.Free()  # the duplicate goes when its communicator is freed
+class Group:
+    """One communicator as the algorithms see it, computed once and cached on the communicator.
+
+    ``comm`` is a private duplicate of the user's communicator, so the collectives' messages live
+    in their own context and never match a user's receive (what MPI libraries do internally for
+    their own collectives). ``core``/``rem``/``newrank`` describe the power-of-two core used by
+    ``rhd`` and ``tree`` (see ``fold_in``), ``doubling_partners`` the rank met at each
+    recursive-doubling step (empty for ranks that sit out).
+    """
+
+    __slots__ = ("comm", "size", "rank", "core", "rem", "newrank", "doubling_partners")
+
+    def __init__(self, private: MPI.Comm):
+        self.comm = private
+        self.size, self.rank = private.Get_size(), private.Get_rank()
+        self.core, self.rem, self.newrank = fold_in(self.size, self.rank)
+        self.doubling_partners = []
+        if self.newrank >= 0:
+            mask = 1
+            while mask < self.core:
+                self.doubling_partners.append(core_to_rank(self.newrank ^ mask, self.rem))
+                mask <<= 1
 
 
-_PRIVATE_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_private)
+def fold_in(p: int, r: int) -> tuple[int, int, int]:
+    """``(p', rem, newrank)``: the power-of-two core p' <= p, rem = p - p', r's rank in the core.
+
+    As in MPICH: each even rank below 2 rem hands its vector to the odd rank above it and sits out
+    (newrank -1); odd ranks below 2 rem are core rank r // 2, the others r - rem.
+    """
+    core = 1 << (p.bit_length() - 1)
+    rem = p - core
+    if r < 2 * rem:
+        return core, rem, (r // 2 if r % 2 else -1)
+    return core, rem, r - rem
+
+
+def core_to_rank(newrank: int, rem: int) -> int:
+    """The rank of core member ``newrank`` (inverse of ``fold_in``)."""
+    return 2 * newrank + 1 if newrank < rem else newrank + rem
+
+
+def _free_group(comm: MPI.Comm, keyval: int, group: Group) -> None:
+    group.comm.Free()  # the private duplicate goes when its communicator is freed
+
+
+_GROUP_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_group)
+
+
+def group(comm: MPI.Comm) -> Group:
+    """``comm``'s cached ``Group`` (collective on first use per communicator: it duplicates it)."""
+    found = comm.Get_attr(_GROUP_KEYVAL)
+    if found is None:
+        found = Group(comm.Dup())  # collective over comm: every rank reaches its first collective together
+        comm.Set_attr(_GROUP_KEYVAL, found)
+    return found
 
 
 def private_comm(comm: MPI.Comm) -> MPI.Comm:
     """``comm``'s private duplicate for collective traffic (collective on first use per comm)."""
-    dup = comm.Get_attr(_PRIVATE_KEYVAL)
-    if dup is None:
-        dup = comm.Dup()  # collective over comm: every rank reaches its first collective together
-        comm.Set_attr(_PRIVATE_KEYVAL, dup)
-    return dup
+    return group(comm).comm
 
 
 class Wire:

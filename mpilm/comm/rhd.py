@@ -8,7 +8,7 @@ time (received straight into place, no copies).
 
 World sizes that are not a power of two fold in first (as MPICH does): with rem = p - p',
 each even rank below 2 rem sends its whole buffer to the odd rank above it, which adds it and
-stands for both; the even ranks sit out and get the result back at the end.
+stands for both; the even ranks sit out and get the result back at the end (``p2p.fold_in``).
 
 Cost (alpha-beta-gamma, n bytes): 2 lg p' alpha + 2 (p'-1)/p' n beta + (p'-1)/p' n gamma, plus
 2 alpha + 2 n beta + n gamma on the fold-in pairs when p is not a power of two. So: the ring's
@@ -37,32 +37,19 @@ _TAG_DOUBLING = 23
 _TAG_UNFOLD = 24
 
 
-def fold_in(p: int, r: int) -> tuple[int, int, int]:
-    """``(p', rem, newrank)`` for the power-of-two core; newrank is -1 for ranks that sit out."""
-    core = 1 << (p.bit_length() - 1)
-    rem = p - core
-    if r < 2 * rem:
-        return core, rem, (r // 2 if r % 2 else -1)
-    return core, rem, r - rem
-
-
-def core_to_rank(newrank: int, rem: int) -> int:
-    return 2 * newrank + 1 if newrank < rem else newrank + rem
-
-
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
     """Rabenseifner Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
     p2p.check_op(op)
-    p = comm.Get_size()
     n = t.numel()
+    g = p2p.group(comm)
+    p = g.size
     if p == 1 or n == 0:
         return p2p.finish(t, p, op)
-    comm = p2p.private_comm(comm)
-    r = comm.Get_rank()
+    comm, r = g.comm, g.rank
+    core, rem, newrank = g.core, g.rem, g.newrank
     seg = _segment_elems(t, segment_bytes)
     wire = p2p.Wire(t)
     nbytes = n * wire.itemsize
-    core, rem, newrank = fold_in(p, r)
     sent = received = 0
     p2p.device_sync(t)  # CUDA: the input must be written before MPI reads it
 
@@ -80,7 +67,7 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
         lo_block, hi_block = 0, core
         mask = core >> 1
         while mask:
-            partner = core_to_rank(newrank ^ mask, rem)
+            partner = p2p.core_to_rank(newrank ^ mask, rem)
             mid_block = (lo_block + hi_block) // 2
             lower = _block_range(n, core, lo_block, mid_block - lo_block)
             upper = _block_range(n, core, mid_block, hi_block - mid_block)
@@ -97,7 +84,7 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
         mask = 1
         while mask < core:
             partner_new = newrank ^ mask
-            partner = core_to_rank(partner_new, rem)
+            partner = p2p.core_to_rank(partner_new, rem)
             mine = _block_range(n, core, (newrank // mask) * mask, mask)
             theirs = _block_range(n, core, (partner_new // mask) * mask, mask)
             comm.Sendrecv(wire.seg(*mine), partner, _TAG_DOUBLING,

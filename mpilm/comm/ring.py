@@ -54,8 +54,8 @@ class _Plan:
 
     __slots__ = ("p", "r", "right", "left", "seg", "wire", "chunk")
 
-    def __init__(self, t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None):
-        self.p, self.r = comm.Get_size(), comm.Get_rank()
+    def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None):
+        self.p, self.r = g.size, g.rank
         self.right, self.left = (self.r + 1) % self.p, (self.r - 1) % self.p
         self.seg = _segment_elems(t, segment_bytes)
         self.wire = p2p.Wire(t)
@@ -66,37 +66,35 @@ class _Plan:
 def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
     """Sum ``t`` over ``comm`` so that rank r's ``shard_bounds`` slice holds the total (in place).
 
-    The other slices are left holding partial sums. ``comm`` must be the private communicator.
+    The other slices are left holding partial sums.
     """
-    if comm.Get_size() == 1 or t.numel() == 0:
+    g = p2p.group(comm)
+    if g.size == 1 or t.numel() == 0:
         return
-    sent, received = _reduce_scatter(t, comm, _Plan(t, comm, segment_bytes))
+    sent, received = _reduce_scatter(t, g.comm, _Plan(t, g, segment_bytes))
     world.traffic.add(sent=sent, received=received)
 
 
 def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
-    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r), in place.
-
-    ``comm`` must be the private communicator.
-    """
-    if comm.Get_size() == 1 or t.numel() == 0:
+    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r), in place."""
+    g = p2p.group(comm)
+    if g.size == 1 or t.numel() == 0:
         return
-    sent, received = _allgather(t, comm, _Plan(t, comm, segment_bytes))
+    sent, received = _allgather(t, g.comm, _Plan(t, g, segment_bytes))
     world.traffic.add(sent=sent, received=received)
 
 
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
     """Ring Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
     p2p.check_op(op)
-    p = comm.Get_size()
-    if p == 1 or t.numel() == 0:
-        return p2p.finish(t, p, op)
-    private = p2p.private_comm(comm)
-    plan = _Plan(t, private, segment_bytes)
-    sent, received = _reduce_scatter(t, private, plan)
-    more_sent, more_received = _allgather(t, private, plan)
+    g = p2p.group(comm)
+    if g.size == 1 or t.numel() == 0:
+        return p2p.finish(t, g.size, op)
+    plan = _Plan(t, g, segment_bytes)
+    sent, received = _reduce_scatter(t, g.comm, plan)
+    more_sent, more_received = _allgather(t, g.comm, plan)
     world.traffic.add(sent=sent + more_sent, received=received + more_received)
-    return p2p.finish(t, p, op)
+    return p2p.finish(t, g.size, op)
 
 
 def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:

@@ -4,7 +4,8 @@ Among a power-of-two core of p' ranks, lg p' steps: at step k every rank swaps i
 vector with the partner whose rank differs in bit k (one blocking ``Sendrecv``) and adds the
 partner's vector in. Both partners compute ``mine + theirs`` with the same two operands, so the
 result is bit-identical on every rank. When p is not a power of two the first 2 rem ranks fold in
-pairwise as in ``rhd.py`` (same ``fold_in`` map): the even rank sends its vector to the odd one
+pairwise as in ``rhd.py`` (the shared ``p2p.fold_in`` map): the even rank sends its vector to
+the odd one
 before the exchange and gets the result back after it.
 
 Why recursive doubling rather than a binomial reduce + broadcast: both are logarithmic, but the
@@ -29,7 +30,6 @@ import torch
 from mpi4py import MPI
 
 from mpilm.comm import p2p, world
-from mpilm.comm.rhd import core_to_rank, fold_in
 
 SEGMENT_BYTES = 1 << 20
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -40,71 +40,67 @@ _TAG_UNFOLD = 33
 
 
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
-    """Recursive-doubling Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
+    """Recursive-doubling Allreduce of ``t`` over ``comm`` in place; returns ``t``.
+
+    Written for the small-message path: every per-call constant lives in the cached ``Group``
+    and nothing is sliced or allocated when the message fits in one segment.
+    """
     p2p.check_op(op)
-    p = comm.Get_size()
     n = t.numel()
+    g = p2p.group(comm)
+    p = g.size
     if p == 1 or n == 0:
         return p2p.finish(t, p, op)
-    comm = p2p.private_comm(comm)
-    r = comm.Get_rank()
     widen = t.dtype in _HALF_TYPES
     work_dtype = torch.float32 if widen else t.dtype
     size = SEGMENT_BYTES if segment_bytes is None else segment_bytes
     if size < 1:
         raise ValueError(f"tree: segment_bytes={size}: must be >= 1")
     seg = max(1, size // (4 if widen else t.element_size()))
-    core, rem, newrank = fold_in(p, r)
-    sent = received = 0
-    whole_wire = None if widen or n > seg else p2p.Wire(t)
+    private, r, rem, newrank = g.comm, g.rank, g.rem, g.newrank
+    folds = r < 2 * rem
+    on_device = t.is_cuda
+    moved = 0  # bytes of one full vector in the work type, summed over segments
 
-    for a, b in p2p.segments(0, n, seg):
+    for a, b in ((0, n),) if n <= seg else p2p.segments(0, n, seg):
         m = b - a
         if widen:
             work, work_wire = p2p.scratch(t, m, slot=0, dtype=torch.float32)
             work.copy_(t if m == n else t[a:b])
-        elif whole_wire is not None:  # the common small message: no slicing at all
-            work, work_wire = t, whole_wire
         else:
-            work = t[a:b]
+            work = t if m == n else t[a:b]
             work_wire = p2p.Wire(work)
         incoming, incoming_wire = p2p.scratch(t, m, slot=1, dtype=work_dtype)
-        nbytes = m * work_wire.itemsize
-        p2p.device_sync(t)  # CUDA: `work` must be written before MPI reads it
+        send_spec, recv_spec = work_wire.seg(0, m), incoming_wire.seg(0, m)
+        moved += m * work_wire.itemsize
+        if on_device:
+            p2p.device_sync(t)  # CUDA: `work` must be written before MPI reads it
 
-        if r < 2 * rem:  # fold-in pair: even rank hands its vector to the odd one
-            if newrank < 0:
-                comm.Send(work_wire.seg(0, m), r + 1, _TAG_FOLD)  # blocks until r+1 has taken it
-                sent += nbytes
-            else:
-                comm.Recv(incoming_wire.seg(0, m), r - 1, _TAG_FOLD)  # blocks on r-1
+        if folds and newrank < 0:  # fold-in: hand the vector to r+1, get the result back
+            private.Send(send_spec, r + 1, _TAG_FOLD)  # blocks until r+1 has taken it
+            private.Recv(send_spec, r + 1, _TAG_UNFOLD)  # blocks on r+1 finishing the reduction
+        else:
+            if folds:
+                private.Recv(recv_spec, r - 1, _TAG_FOLD)  # blocks on r-1 handing its vector over
                 work.add_(incoming)
-                received += nbytes
-
-        if newrank >= 0:
-            mask = 1
-            while mask < core:
-                partner = core_to_rank(newrank ^ mask, rem)
-                p2p.device_sync(t)  # CUDA: the previous add must finish before MPI sends `work`
-                comm.Sendrecv(work_wire.seg(0, m), partner, _TAG_DOUBLING,
-                              incoming_wire.seg(0, m), partner, _TAG_DOUBLING)  # blocks on partner
+            for partner in g.doubling_partners:
+                if on_device:
+                    p2p.device_sync(t)  # CUDA: the previous add must finish before MPI sends `work`
+                private.Sendrecv(send_spec, partner, _TAG_DOUBLING,
+                                 recv_spec, partner, _TAG_DOUBLING)  # blocks on partner
                 work.add_(incoming)
-                sent += nbytes
-                received += nbytes
-                mask <<= 1
-
-        if r < 2 * rem:  # unfold: the odd rank returns the result to its even partner
-            if newrank < 0:
-                comm.Recv(work_wire.seg(0, m), r + 1, _TAG_UNFOLD)  # blocks on r+1 finishing
-                received += nbytes
-            else:
-                p2p.device_sync(t)  # CUDA: the last add must finish before MPI sends `work`
-                comm.Send(work_wire.seg(0, m), r - 1, _TAG_UNFOLD)  # blocks until r-1 has taken it
-                sent += nbytes
+            if folds:
+                if on_device:
+                    p2p.device_sync(t)  # CUDA: the last add must finish before MPI sends `work`
+                private.Send(send_spec, r - 1, _TAG_UNFOLD)  # blocks until r-1 has taken it
 
         if widen:
             if op == "avg":
                 work.div_(p)  # divide in fp32 so the result is rounded to the half type once
             (t if m == n else t[a:b]).copy_(work)
-    world.traffic.add(sent=sent, received=received)
+
+    # messages each way: the even fold-in rank sends once and receives once; the others swap once
+    # per doubling step, plus one receive and one send more for the odd fold-in ranks
+    steps = 1 if newrank < 0 else len(g.doubling_partners) + (1 if folds else 0)
+    world.traffic.add(sent=steps * moved, received=steps * moved)
     return t if widen else p2p.finish(t, p, op)
