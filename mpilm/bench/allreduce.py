@@ -206,11 +206,14 @@ def _plot(path: str, rows: list[dict], memcpy: dict[int, float], p: int, dtype: 
     for name in dict.fromkeys(row["algorithm"] for row in rows):
         mine = [row for row in rows if row["algorithm"] == name]
         ax.plot([r["size_bytes"] for r in mine], [r["busbw_gbps"] for r in mine], marker="o", label=name)
-    sizes = sorted(memcpy)
-    ax.plot(sizes, [memcpy[s] / 1e9 for s in sizes], "k--", label="memcpy, 1 process (ceiling)")
+    ceiling = sorted(memcpy)
+    ax.plot(ceiling, [memcpy[s] / 1e9 for s in ceiling], "k--", label="memcpy, 1 process (ceiling)")
+    sizes = sorted({row["size_bytes"] for row in rows})
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # latency-bound and bandwidth-bound sizes differ by orders of magnitude
+    ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
     ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("busbw (GB/s)")
+    ax.set_ylabel("busbw (GB/s, log scale)")
     ax.set_title(f"allreduce busbw, {p} ranks, {dtype}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
