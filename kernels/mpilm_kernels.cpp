@@ -13,12 +13,18 @@
 //                                                  torch's CPU index_add_)
 // CUDA tensors go to mpilm_kernels.cu when the module was built with it (MPILM_WITH_CUDA).
 // Threads: ATen's intra-op pool (torch.set_num_threads); results never depend on the count.
+// The scan compares 32 keys per step (SSE2 on x86-64, a vectorisable loop elsewhere) and keeps
+// each candidate's index and bits, so the final selection works on ~1.2k entries, not on x.
 //
 // What it does not: no allocation of outputs (callers pass them, so a compressor reuses its
 // buffers), no dtypes other than float32, no reductions across ranks.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <functional>
@@ -36,85 +42,147 @@ void sparse_accumulate_cuda(at::Tensor dense, const at::Tensor& idx, const at::T
 
 namespace {
 
-// elements tested with one vectorisable "any at or above t?" before the scalar collection pass;
-// at 1% density most blocks have no candidate and cost only the vector compare
+// elements whose keys are compared at once (one bit each in a 32-bit mask); at 1% density most
+// blocks hold no candidate and cost only the vector compares
 constexpr int64_t kBlock = 32;
 // smallest stretch of the input given to one parallel task
 constexpr int64_t kMinChunk = int64_t(1) << 16;
 
-// Appends to `out` the indices i in [lo, hi) with key(x[i]) >= t, in increasing order. When
-// kFused, first sets x[i] += grad[i] (x is the residual; done on the first scan only). A block
-// with a candidate is written without branches (the index is stored, the cursor advances by the
-// test's 0 or 1): at ~1% density the branch on each element would mispredict too often.
+inline int32_t float_bits(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+inline float bits_float(int32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// Bit j of the result is key(xb[j]) >= t (t >= 1), for the kBlock elements at xb; when kFused,
+// xb[j] += gb[j] first (the residual update, stored). SSE2 (every x86-64) compares 4 keys per
+// instruction and gathers the verdicts with movemask; elsewhere a loop the compiler vectorises.
 template <bool kFused>
-void scan_range(float* x, const float* grad, int64_t lo, int64_t hi, int32_t t, std::vector<int32_t>& out) {
-  size_t w = out.size();
-  out.resize(std::max(out.capacity(), w + kBlock));  // reserved room becomes writable room
-  int64_t i = lo;
-  for (; i + kBlock <= hi; i += kBlock) {
-    float* xb = x + i;
+inline uint32_t block_mask(float* xb, const float* gb, int32_t t) {
+  static_assert(kBlock == 32, "one bit per element of a uint32_t");
+#if defined(__SSE2__)
+  const __m128i magnitude = _mm_set1_epi32(static_cast<int32_t>(kMagnitudeMask));
+  const __m128i below = _mm_set1_epi32(t - 1);  // key >= t  <=>  key > t - 1 (keys are >= 0)
+  uint32_t mask = 0;
+  for (int q = 0; q < 8; ++q) {
+    __m128 v = _mm_loadu_ps(xb + 4 * q);
     if (kFused) {
-      const float* gb = grad + i;
-      for (int64_t j = 0; j < kBlock; ++j) xb[j] += gb[j];
+      v = _mm_add_ps(v, _mm_loadu_ps(gb + 4 * q));
+      _mm_storeu_ps(xb + 4 * q, v);
     }
-    int32_t any = 0;
-    for (int64_t j = 0; j < kBlock; ++j) any |= static_cast<int32_t>(magnitude_key(xb[j]) >= t);
-    if (any) {
-      if (out.size() < w + kBlock) out.resize(std::max(2 * out.size(), w + kBlock));
-      int32_t* o = out.data();
-      for (int64_t j = 0; j < kBlock; ++j) {
-        o[w] = static_cast<int32_t>(i + j);
-        w += magnitude_key(xb[j]) >= t;
-      }
+    const __m128i keys = _mm_and_si128(_mm_castps_si128(v), magnitude);
+    mask |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(keys, below)))) << (4 * q);
+  }
+  return mask;
+#else
+  if (kFused) {
+    for (int64_t j = 0; j < kBlock; ++j) xb[j] += gb[j];
+  }
+  uint32_t mask = 0;
+  for (int64_t j = 0; j < kBlock; ++j) mask |= static_cast<uint32_t>(magnitude_key(xb[j]) >= t) << j;
+  return mask;
+#endif
+}
+
+// Candidates of one stretch of the input: indices in increasing order and the raw bits of their
+// values (key = bits without the sign), so that the selection never reads x again.
+struct Candidates {
+  std::vector<int32_t> idx, bits;
+  size_t used = 0;
+
+  void make_room(size_t extra) {
+    if (used + extra > idx.size()) {
+      const size_t want = std::max(2 * idx.size(), used + extra);
+      idx.resize(want);
+      bits.resize(want);
     }
   }
-  out.resize(w);
+  void push(int64_t i, float v) {
+    make_room(1);
+    idx[used] = static_cast<int32_t>(i);
+    bits[used++] = float_bits(v);
+  }
+  // the elements of the block at `base` whose bit is set in `mask` (non-zero)
+  void push_block(const float* xb, int64_t base, uint32_t mask) {
+    make_room(kBlock);
+    do {
+      const int j = __builtin_ctz(mask);
+      idx[used] = static_cast<int32_t>(base + j);
+      bits[used++] = float_bits(xb[j]);
+      mask &= mask - 1;
+    } while (mask != 0);
+  }
+};
+
+// Collects the elements i in [lo, hi) with key(x[i]) >= t (t >= 1), in increasing order. When
+// kFused, first sets x[i] += grad[i] (x is the residual; done on the first scan only).
+template <bool kFused>
+void scan_range(float* x, const float* grad, int64_t lo, int64_t hi, int32_t t, Candidates& out) {
+  int64_t i = lo;
+  for (; i + kBlock <= hi; i += kBlock) {
+    const uint32_t mask = block_mask<kFused>(x + i, kFused ? grad + i : nullptr, t);
+    if (mask != 0) out.push_block(x + i, i, mask);
+  }
   for (; i < hi; ++i) {
     if (kFused) x[i] += grad[i];
-    if (magnitude_key(x[i]) >= t) out.push_back(static_cast<int32_t>(i));
+    if (magnitude_key(x[i]) >= t) out.push(i, x[i]);
   }
 }
 
-// All indices with key >= t, in increasing order; chunks are scanned in parallel and joined in
-// chunk order, so the result does not depend on the thread count.
-std::vector<int32_t> collect_candidates(float* x, const float* grad, int64_t n, int32_t t, int64_t expected) {
+// All elements with key >= t, in increasing index order; chunks are scanned in parallel and
+// joined in chunk order, so the result does not depend on the thread count.
+Candidates collect_candidates(float* x, const float* grad, int64_t n, int32_t t, int64_t expected) {
+  Candidates all;
   if (t == 0) {  // every entry qualifies; the fused add has happened on an earlier scan
-    std::vector<int32_t> all(static_cast<size_t>(n));
-    std::iota(all.begin(), all.end(), 0);
+    all.idx.resize(static_cast<size_t>(n));
+    std::iota(all.idx.begin(), all.idx.end(), 0);
+    all.bits.assign(reinterpret_cast<const int32_t*>(x), reinterpret_cast<const int32_t*>(x) + n);
+    all.used = static_cast<size_t>(n);
     return all;
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n / kMinChunk, 8 * threads));
-  std::vector<std::vector<int32_t>> found(static_cast<size_t>(chunks));
+  std::vector<Candidates> found(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
-      auto& out = found[static_cast<size_t>(c)];
-      out.reserve(static_cast<size_t>(expected / chunks + 2 * kBlock));
+      Candidates& out = found[static_cast<size_t>(c)];
+      out.make_room(static_cast<size_t>(expected / chunks + 2 * kBlock));
       if (grad != nullptr)
         scan_range<true>(x, grad, lo, hi, t, out);
       else
         scan_range<false>(x, nullptr, lo, hi, t, out);
     }
   });
+  if (chunks == 1) return std::move(found[0]);
   size_t total = 0;
-  for (const auto& f : found) total += f.size();
-  std::vector<int32_t> all;
-  all.reserve(total);
-  for (const auto& f : found) all.insert(all.end(), f.begin(), f.end());
+  for (const auto& f : found) total += f.used;
+  all.idx.resize(total);
+  all.bits.resize(total);
+  for (const auto& f : found) {
+    std::copy(f.idx.begin(), f.idx.begin() + f.used, all.idx.begin() + all.used);
+    std::copy(f.bits.begin(), f.bits.begin() + f.used, all.bits.begin() + all.used);
+    all.used += f.used;
+  }
   return all;
 }
 
-// From m >= k candidates (increasing index), write the k of largest key (lowest index first
-// among equal keys) to out_idx / out_val in increasing index order; zero them in x when fused.
-void finish_selection(float* x, bool fused, const std::vector<int32_t>& cand, int64_t k, int32_t* out_idx,
-                      float* out_val) {
-  const int64_t m = static_cast<int64_t>(cand.size());
+// From m >= k candidates, write the k of largest key (lowest index first among equal keys) to
+// out_idx / out_val in increasing index order; zero those entries of x when fused.
+void finish_selection(float* x, bool fused, const Candidates& cand, int64_t k, int32_t* out_idx, float* out_val) {
+  const int64_t m = static_cast<int64_t>(cand.used);
   if (m == k) {
-    std::copy(cand.begin(), cand.end(), out_idx);
+    std::copy(cand.idx.begin(), cand.idx.begin() + k, out_idx);
+    for (int64_t j = 0; j < k; ++j) out_val[j] = bits_float(cand.bits[j]);
   } else {
     std::vector<int32_t> keys(static_cast<size_t>(m));
-    for (int64_t j = 0; j < m; ++j) keys[j] = magnitude_key(x[cand[j]]);
+    for (int64_t j = 0; j < m; ++j) keys[j] = static_cast<int32_t>(cand.bits[j] & kMagnitudeMask);
     std::vector<int32_t> scratch(keys);
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<int32_t>());
     const int32_t boundary = scratch[k - 1];  // the k-th largest key
@@ -123,12 +191,14 @@ void finish_selection(float* x, bool fused, const std::vector<int32_t>& cand, in
     int64_t ties_wanted = k - above;  // entries with key == boundary to take, lowest index first
     int64_t w = 0;
     for (int64_t j = 0; j < m && w < k; ++j) {
-      if (keys[j] > boundary || (keys[j] == boundary && ties_wanted-- > 0)) out_idx[w++] = cand[j];
+      if (keys[j] > boundary || (keys[j] == boundary && ties_wanted-- > 0)) {
+        out_idx[w] = cand.idx[j];
+        out_val[w++] = bits_float(cand.bits[j]);
+      }
     }
   }
-  for (int64_t j = 0; j < k; ++j) {
-    out_val[j] = x[out_idx[j]];
-    if (fused) x[out_idx[j]] = 0.0f;
+  if (fused) {
+    for (int64_t j = 0; j < k; ++j) x[out_idx[j]] = 0.0f;
   }
 }
 
@@ -177,11 +247,11 @@ void topk_cpu(at::Tensor x, const at::Tensor& grad, int64_t k, at::Tensor out_id
   const int32_t near_key = plan.rank_near == plan.rank_far ? far_key : *near_it;
   const ThresholdAttempts attempts = threshold_attempts(near_key, far_key);
 
-  std::vector<int32_t> cand;
+  Candidates cand;
   for (int a = 0; a < attempts.count; ++a) {
     // the residual update happens on the first scan only; later scans read the updated x
     cand = collect_candidates(xp, a == 0 ? gp : nullptr, n, attempts.values[a], k + k / 4);
-    if (static_cast<int64_t>(cand.size()) >= k) break;
+    if (static_cast<int64_t>(cand.used) >= k) break;
   }
   finish_selection(xp, gp != nullptr, cand, k, ip, vp);
 }

@@ -316,6 +316,10 @@ def test_half_precision_close_to_fp32(name, tolerance):
     assert torch.allclose(bucket, dense, rtol=tolerance, atol=tolerance)
     # 16-bit words on the wire: half the bytes of the fp32 ring (plus rounding of uneven slices)
     assert world.traffic.sent <= compress.dense_bytes(grad.numel(), comm.size) // 2 + 64
+    # large gradients: their sum over the ranks would overflow fp16, their average does not
+    big = torch.full((100,), 40_000.0)
+    compress.make_compressor(name).allreduce_(big, 1, comm, "ring", 0)
+    assert torch.allclose(big, torch.full((100,), 40_000.0), rtol=tolerance)
 
 
 @pytest.mark.mpi(min_size=4)

@@ -5,8 +5,9 @@ For each size (``--sizes``, elements) at ``--density`` (k = ceil(density x n)):
   written with torch would run), the threshold algorithm in torch (``mpilm.kernels``' fallback)
   and the threshold kernel (C++). All three return the same set here (Gaussian data, no ties),
   which is checked, so a broken kernel cannot post a fast number;
-- accumulation: the pairs of ``--ranks`` ranks (k distinct indices each, overlapping across
-  ranks) added into a dense buffer by torch's ``index_add_`` and by the kernel (checked equal).
+- accumulation: the pairs of ``--ranks`` ranks (k distinct indices each, in increasing order as
+  the selection emits them, overlapping across ranks) added into a dense buffer by torch's
+  ``index_add_`` and by the kernel, in one call each (checked equal).
 Each repeat runs every contender once, round-robin, so they share the machine's noise; a cell is
 the median over ``--repeats``. Ratios are taken within one run. One process, CPU tensors, torch's
 intra-op threads (``--threads``, default torch's own choice).
@@ -126,7 +127,8 @@ def _selection(n: int, k: int, repeats: int, gen: torch.Generator) -> dict:
 
 
 def _accumulation(n: int, k: int, ranks: int, repeats: int, gen: torch.Generator) -> dict:
-    idx = torch.cat([torch.randperm(n, generator=gen)[:k] for _ in range(ranks)]).to(torch.int32)
+    # each rank's k distinct indices in increasing order, as the selection emits them
+    idx = torch.cat([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(ranks)]).to(torch.int32)
     val = torch.randn(idx.numel(), generator=gen)
     via_torch, via_kernel = torch.zeros(n), torch.zeros(n)
     times = _medians({

@@ -9,10 +9,11 @@ Public API (grad sync calls it once per bucket and step):
 
 The compressors:
 - ``none``: ``collectives.allreduce(bucket, comm, algorithm, "avg")``.
-- ``fp16`` / ``bf16``: the bucket is copied into a cached half-precision buffer (one per key, so no
-  allocation per step), averaged by the collectives (which add half types in fp32) and copied
-  back. Half the bytes; fp16 overflows above 65504 and flushes magnitudes below ~6e-8 to zero,
-  bf16 keeps fp32's range with 8 bits of mantissa.
+- ``fp16`` / ``bf16``: the bucket, divided by p in fp32, is rounded into a cached half-precision
+  buffer (one per key, so no allocation per step), summed by the collectives (each add computed
+  in fp32, see ``ring.py``) and copied back. Dividing first keeps the partial sums of p ranks in
+  fp16's range (largest 65504); magnitudes below ~6e-8 / p flush to zero in fp16. bf16 keeps
+  fp32's range with 8 bits of mantissa. Half the bytes on the wire.
 - ``topk``: per bucket, the k = ceil(density x n) entries of largest magnitude of gradient plus
   residual travel as (int32 index, fp32 value) pairs. With error feedback (default) what was not
   sent stays in this rank's residual for that bucket and is added next step: the pairs sent plus
@@ -129,7 +130,7 @@ class Compressor:
 
 
 class HalfPrecision(Compressor):
-    """Gradients travel in fp16 or bf16; the collectives add them in fp32."""
+    """Gradients travel in fp16 or bf16, divided by p first so that partial sums stay in range."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -137,7 +138,7 @@ class HalfPrecision(Compressor):
         self._half: dict[int, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return f"{self.name}: gradients travel as {self.name} (2 bytes per element), added in fp32, cast back to fp32"
+        return f"{self.name}: gradients travel as {self.name} (2 bytes per element), pre-divided by p, summed, cast back to fp32"
 
     def allreduce_(self, bucket, key, comm, algorithm, step):
         comm = comm or world.WORLD
@@ -147,8 +148,8 @@ class HalfPrecision(Compressor):
         half = self._half.get(key)
         if half is None or half.numel() != bucket.numel() or half.device != bucket.device:
             half = self._half[key] = torch.empty(bucket.numel(), dtype=self.dtype, device=bucket.device)
-        half.copy_(bucket)
-        collectives.allreduce(half, comm, algorithm, "avg")
+        torch.div(bucket, comm.Get_size(), out=half)  # divide in fp32, round once into the half type
+        collectives.allreduce(half, comm, algorithm, "sum")
         bucket.copy_(half)
 
 
