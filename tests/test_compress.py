@@ -19,7 +19,7 @@ import torch
 from mpi4py import MPI
 
 from mpilm import kernels
-from mpilm.comm import collectives, compress, world
+from mpilm.comm import collectives, compress, p2p, world
 from mpilm.errors import UsageError
 
 SELF = MPI.COMM_SELF
@@ -234,11 +234,11 @@ def test_topk_sends_k_pairs_per_bucket(aggregate):
         expected = sum(8 * k * (p - 1) for k in ks)
         assert world.traffic.sent == expected and world.traffic.received == expected
     else:
-        p2 = 1 << (p.bit_length() - 1)
-        rounds = p2.bit_length() - 1
-        if comm.rank >= p2:  # folded in: its pairs out, the final pairs and one flag byte per pair back
+        core, rem, newrank = p2p.fold_in(p, comm.rank)
+        rounds = core.bit_length() - 1
+        if newrank < 0:  # folded in: its pairs out, the final pairs and one flag byte per pair back
             sent, received = [8 * k for k in ks], [8 * k + k for k in ks]
-        elif comm.rank + p2 < p:  # proxy: the folded rank's pairs in, the rounds, the answer out
+        elif comm.rank < 2 * rem:  # proxy: the folded rank's pairs in, the rounds, the answer out
             sent, received = [8 * k * (rounds + 1) + k for k in ks], [8 * k * (rounds + 1) for k in ks]
         else:
             sent = received = [8 * k * rounds for k in ks]

@@ -32,10 +32,11 @@ The compressors:
       any round is dead for every contributor in that group, and at the end each rank adds its own
       dead pairs back into its residual. The final value at an index is exactly the sum of the
       live contributions, so sent + residuals == gradients + old residuals over all ranks.
-      Non-power-of-two p: the standard fold-in. With p2 the largest power of two <= p, rank
-      r >= p2 sends its pairs to rank r - p2, which merges them first (its own set first), runs
-      the rounds for both and at the end returns the final pairs plus one byte per pair saying
-      which of the folded rank's pairs survived.
+      Non-power-of-two p: the standard fold-in of ``p2p.group`` (as MPICH and mpilm's rhd/tree
+      do): with rem = p - p2 (p2 the largest power of two <= p), each even rank below 2 rem
+      sends its pairs to the odd rank above it, which merges them first (lower rank first),
+      runs the rounds for both and at the end returns the final pairs plus one byte per pair
+      saying which of the folded rank's pairs survived.
   When sparse would move at least as many bytes as a dense ring allreduce (8k(p-1) vs
   2(p-1)/p x 4n for allgather, 8k per round for gtopk), the bucket goes dense instead, with the
   residual (and DGC velocity) added in and cleared, so nothing is held back; rank 0 says so once.
@@ -320,37 +321,37 @@ class TopK(Compressor):
         bucket.div_(p)
 
     def _gtopk_exchange_(self, bucket, state, idx, val, k, comm) -> torch.Tensor:
-        """Global top-k by recursive doubling; returns this rank's delivered indices."""
-        p, rank = comm.Get_size(), comm.Get_rank()
+        """Global top-k by recursive doubling; returns this rank's delivered indices.
+
+        Ranks, partners and the fold-in come from ``p2p.group`` (the same power-of-two core as
+        the rhd and tree allreduces): a rank that sits out hands its pairs to the rank above it.
+        """
+        p = comm.Get_size()
         own_idx, own_val = idx.clone(), val.clone()
         alive = torch.ones(k, dtype=torch.bool, device=bucket.device)
         cur_idx, cur_val = idx, val
         if p > 1:
-            wire = p2p.private_comm(comm)
-            p2 = 1 << (p.bit_length() - 1)
-            if rank >= p2:  # folded in: hand the pairs to rank - p2, get the final set back
-                cur_idx, cur_val, alive = self._gtopk_folded(state, wire, rank - p2, own_idx, own_val, k)
+            grp = p2p.group(comm)
+            if grp.newrank < 0:  # sits out: hand the pairs to the rank above, get the final set back
+                cur_idx, cur_val, alive = self._gtopk_folded(state, grp.comm, grp.rank + 1, own_idx, own_val, k)
             else:
                 folded = None
-                if rank + p2 < p:  # proxy of rank + p2: merge its pairs first, own set first
-                    their_idx, their_val = self._recv_pairs(state, wire, rank + p2, k)
-                    cur_idx, cur_val = _merge_top(cur_idx, cur_val, their_idx, their_val, k)
-                    folded = (their_idx, their_val, torch.isin(their_idx, cur_idx, assume_unique=True))
+                if grp.rank < 2 * grp.rem:  # proxy of the rank below: its pairs merge first (lower rank first)
+                    their_idx, their_val = self._recv_pairs(state, grp.comm, grp.rank - 1, k)
+                    cur_idx, cur_val = _merge_top(their_idx, their_val, cur_idx, cur_val, k)
+                    folded = (their_idx, torch.isin(their_idx, cur_idx, assume_unique=True))
                     alive &= torch.isin(own_idx, cur_idx, assume_unique=True)
-                distance = 1
-                while distance < p2:
-                    partner = rank ^ distance
-                    their_idx, their_val = self._swap_pairs(state, wire, partner, cur_idx, cur_val, k)
-                    if rank < partner:
+                for partner in grp.doubling_partners:
+                    their_idx, their_val = self._swap_pairs(state, grp.comm, partner, cur_idx, cur_val, k)
+                    if grp.rank < partner:  # both partners add in the same order: identical bits
                         cur_idx, cur_val = _merge_top(cur_idx, cur_val, their_idx, their_val, k)
                     else:
                         cur_idx, cur_val = _merge_top(their_idx, their_val, cur_idx, cur_val, k)
                     alive &= torch.isin(own_idx, cur_idx, assume_unique=True)
                     if folded is not None:
-                        folded = (folded[0], folded[1], folded[2] & torch.isin(folded[0], cur_idx, assume_unique=True))
-                    distance *= 2
+                        folded = (folded[0], folded[1] & torch.isin(folded[0], cur_idx, assume_unique=True))
                 if folded is not None:
-                    self._return_to_folded(state, wire, rank + p2, cur_idx, cur_val, folded[2], k)
+                    self._return_to_folded(state, grp.comm, grp.rank - 1, cur_idx, cur_val, folded[1], k)
         bucket.zero_()
         kernels.sparse_accumulate(bucket, cur_idx, cur_val)
         bucket.div_(p)
