@@ -335,3 +335,18 @@ def test_dense_fallback_during_warmup_is_identical_everywhere_and_flushes_residu
     collectives.allreduce(dense, comm, "auto", "avg")
     assert torch.equal(bucket, dense)
     assert torch.all(residual_of(compressor) == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+@pytest.mark.parametrize("aggregate", compress.TOPK_AGGREGATES)
+def test_topk_on_cuda_matches_cpu(aggregate):
+    on_cpu = compress.make_compressor("topk", topk_ratio=0.02, aggregate=aggregate, momentum_correction=True)
+    on_gpu = compress.make_compressor("topk", topk_ratio=0.02, aggregate=aggregate, momentum_correction=True)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        grad = torch.randn(20_000, generator=gen)
+        cpu, gpu = grad.clone(), grad.cuda()
+        on_cpu.allreduce_(cpu, 0, SELF, "auto", step)
+        on_gpu.allreduce_(gpu, 0, SELF, "auto", step)
+        assert torch.equal(gpu.cpu(), cpu)
+        assert torch.equal(on_gpu._state[0].residual.cpu(), on_cpu._state[0].residual)

@@ -217,3 +217,40 @@ def test_make_kernels_entry_point(module):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert "mpilm kernels: C++" in done.stdout
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_paths_match_cpu_bit_for_bit(module, kind):
+    assert module.with_cuda(), f"torch sees a GPU but the CUDA kernels were not built: {kernels.status()}"
+    gen = torch.Generator().manual_seed(7)
+    for n in SIZES:
+        x = make_input(kind, n, gen)
+        old = torch.randn(n, generator=gen)
+        for k in ks_for(n):
+            cpu = kernels.topk(x, k, backend="kernel")
+            for backend in ("kernel", "torch"):
+                gpu = kernels.topk(x.cuda(), k, backend=backend)
+                assert same_bits(gpu[0].cpu(), cpu[0]) and same_bits(gpu[1].cpu(), cpu[1]), (kind, n, k, backend)
+            res_cpu = old.clone()
+            cpu = kernels.residual_topk(x, res_cpu, k, backend="kernel")
+            for backend in ("kernel", "torch"):
+                res_gpu = old.cuda()
+                gpu = kernels.residual_topk(x.cuda(), res_gpu, k, backend=backend)
+                assert same_bits(gpu[0].cpu(), cpu[0]) and same_bits(gpu[1].cpu(), cpu[1]), (kind, n, k, backend)
+                assert same_bits(res_gpu.cpu(), res_cpu)
+
+
+@needs_cuda
+def test_cuda_sparse_accumulate_keeps_array_order(module):
+    gen = torch.Generator().manual_seed(8)
+    idx, val = order_sensitive_pairs(50_000, 200_000, gen)
+    start = torch.randn(50_000, generator=gen)
+    cpu = kernels.sparse_accumulate(start.clone(), idx, val, backend="kernel")
+    for backend in ("kernel", "torch"):
+        gpu = kernels.sparse_accumulate(start.cuda(), idx.cuda(), val.cuda(), backend=backend)
+        assert same_bits(gpu.cpu(), cpu), backend
