@@ -108,6 +108,21 @@ def test_large_buffer_many_segments(algorithm, segment_bytes):
     assert torch.equal(buf, base * (P * (P + 1) // 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("algorithm", ["ring", "rhd"])
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.collectives
+def test_pipelined_paths_on_odd_lengths(algorithm, dtype):
+    """Tiny segments force the windowed, pipelined paths on lengths that split unevenly."""
+    module = {"ring": ring, "rhd": rhd}[algorithm]
+    for n in sorted({1, P + 1, 1009, 4099}):
+        rows = inputs(n, seed=11 + n, kind="integers")
+        buf = torch.tensor(rows[RANK], dtype=dtype)
+        module.allreduce(buf, COMM, "avg", segment_bytes=256)
+        assert torch.equal(buf, torch.from_numpy(rows.sum(0)).to(dtype).div_(P)), f"n={n}"
+        assert same_on_all_ranks(buf)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.collectives

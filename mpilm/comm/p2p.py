@@ -244,6 +244,16 @@ def exchange_reduce(comm: MPI.Comm, peer: int, t: torch.Tensor, wire: Wire,
     The two ranges must not overlap (the send buffer stays untouched until its requests finish).
     Returns ``(bytes sent, bytes received)``.
     """
+    send_n, recv_n = send[1] - send[0], recv[1] - recv[0]
+    if send_n <= seg and recv_n <= seg:
+        # one message each way (the peer sees the same two lengths and decides alike): a single
+        # blocking call has the least overhead, and there is nothing to pipeline
+        incoming, incoming_wire = scratch(t, recv_n, 0)
+        if t.is_cuda:
+            device_sync(t)  # CUDA: the range sent must be written before MPI reads it
+        comm.Sendrecv(wire.seg(*send), peer, tag, incoming_wire.seg(0, recv_n), peer, tag)  # blocks on peer
+        t[recv[0]:recv[1]].add_(incoming)
+        return send_n * wire.itemsize, recv_n * wire.itemsize
     sends = send_segments(comm, peer, wire, send[0], send[1], seg, tag)
     received = recv_reduce_segments(comm, peer, t, recv[0], recv[1], seg, tag)
     MPI.Request.Waitall(sends)  # blocks on peer: our send buffer is reusable once it has taken it all

@@ -52,7 +52,7 @@ def _segment_elems(t: torch.Tensor, segment_bytes: int | None) -> int:
 class _Plan:
     """What both halves need to know about one call: computed once per allreduce."""
 
-    __slots__ = ("p", "r", "right", "left", "seg", "wire", "chunk")
+    __slots__ = ("p", "r", "right", "left", "seg", "wire", "chunk", "widest", "whole_chunks")
 
     def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None):
         self.p, self.r = g.size, g.rank
@@ -61,6 +61,9 @@ class _Plan:
         self.wire = p2p.Wire(t)
         n = t.numel()
         self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]
+        self.widest = -(-n // self.p)
+        # every chunk is one message: nothing to pipeline, so take the low-overhead path
+        self.whole_chunks = self.widest <= self.seg
 
 
 def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
@@ -100,6 +103,8 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
 def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
     p, r, seg, wire, chunk = plan.p, plan.r, plan.seg, plan.wire, plan.chunk
     right, left = plan.right, plan.left
+    if plan.whole_chunks:
+        return _reduce_scatter_whole_chunks(t, comm, plan)
     # every (step, segment) this rank receives, in the order its left neighbour sends them
     units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 2) % p], seg)]
     p2p.device_sync(t)  # CUDA: the gradients must be written before MPI reads them
@@ -136,6 +141,8 @@ def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, 
 def _allgather(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
     p, r, seg, wire, chunk = plan.p, plan.r, plan.seg, plan.wire, plan.chunk
     right, left = plan.right, plan.left
+    if plan.whole_chunks:
+        return _allgather_whole_chunks(t, comm, plan)
     # receives land directly in their final place; post them all before anything can arrive late
     units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 1) % p], seg)]
     recvs = [comm.Irecv(wire.seg(a, b), left, _TAG_ALLGATHER) for _, a, b in units]
@@ -154,3 +161,43 @@ def _allgather(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
     MPI.Request.Waitall(recvs[forwarded:] + sends)
     received = sum(b - a for _, a, b in units) * wire.itemsize
     return sent, received
+
+
+def _reduce_scatter_whole_chunks(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
+    """Reduce-scatter when every chunk is a single message: one blocking exchange per step.
+
+    With nothing to pipeline, ``Sendrecv`` (one call, no request objects) is the cheapest way to
+    move a chunk; on small buckets the Python overhead per step is the cost that shows.
+    """
+    p, r, wire, chunk = plan.p, plan.r, plan.wire, plan.chunk
+    incoming, incoming_wire = p2p.scratch(t, plan.widest, 0)
+    on_device = t.is_cuda
+    sent = received = 0
+    for s in range(p - 1):
+        send_lo, send_hi = chunk[(r - s - 1) % p]
+        recv_lo, recv_hi = chunk[(r - s - 2) % p]
+        m = recv_hi - recv_lo
+        if on_device:
+            p2p.device_sync(t)  # CUDA: the chunk sent (the previous step's sum) must be written
+        comm.Sendrecv(wire.seg(send_lo, send_hi), plan.right, _TAG_REDUCE_SCATTER,
+                      incoming_wire.seg(0, m), plan.left, _TAG_REDUCE_SCATTER)  # blocks on both neighbours
+        t[recv_lo:recv_hi].add_(incoming if m == plan.widest else incoming[:m])
+        sent += send_hi - send_lo
+        received += m
+    return sent * wire.itemsize, received * wire.itemsize
+
+
+def _allgather_whole_chunks(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
+    """Allgather when every chunk is a single message: one blocking exchange per step, in place."""
+    p, r, wire, chunk = plan.p, plan.r, plan.wire, plan.chunk
+    if t.is_cuda:
+        p2p.device_sync(t)  # CUDA: our own slice must be final before MPI reads it
+    sent = received = 0
+    for s in range(p - 1):
+        send_lo, send_hi = chunk[(r - s) % p]
+        recv_lo, recv_hi = chunk[(r - s - 1) % p]
+        comm.Sendrecv(wire.seg(send_lo, send_hi), plan.right, _TAG_ALLGATHER,
+                      wire.seg(recv_lo, recv_hi), plan.left, _TAG_ALLGATHER)  # blocks on both neighbours
+        sent += send_hi - send_lo
+        received += recv_hi - recv_lo
+    return sent * wire.itemsize, received * wire.itemsize
