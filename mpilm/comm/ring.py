@@ -11,6 +11,8 @@ segments of ``segment_bytes``:
   and nothing larger than a segment is ever allocated (receive slots are cached).
 - allgather, p-1 steps: every segment is received straight into its final place in the buffer
   (all receives posted up front, no copies) and forwarded as soon as it lands.
+- when every chunk fits in one segment there is nothing to pipeline: each step is one blocking
+  ``Sendrecv`` (the least Python and MPI overhead per step, which is what small buckets pay).
 
 Cost (alpha-beta-gamma, n bytes, segment size S): 2(p-1) alpha + 2(p-1)/p n beta
 + (p-1)/p n gamma for an unsegmented ring; segmentation adds about ``n/S`` message latencies and
