@@ -27,6 +27,8 @@ ALLREDUCE_ALGORITHMS = ("auto", "ring", "rhd", "tree", "shm", "hier", "mpi")
 MODELS = ("gpt", "lstm")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
+COMPRESSORS = ("none", "fp16", "bf16", "topk")
+TOPK_AGGREGATES = ("allgather", "gtopk")
 DATA_IO = ("scatter", "mpiio")
 
 
@@ -78,6 +80,15 @@ class TrainConfig:
     device: str = opt("auto", "auto: cuda:<local rank> when a GPU is present, else cpu", choices=DEVICES)
     allreduce: str = opt("auto", "gradient allreduce algorithm", choices=ALLREDUCE_ALGORITHMS)
     bucket_mb: float = opt(25.0, "gradient bucket size in MiB (buckets are reduced one after another)", check=positive)
+    # gradient compression
+    compress: str = opt("none", "gradient compression on the wire", choices=COMPRESSORS)
+    topk_ratio: float = opt(0.01, "topk: fraction of each bucket's entries sent per step (density)",
+                            check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    error_feedback: bool = opt(True, "topk: keep what was not sent in a local residual and add it next step")
+    topk_aggregate: str = opt("allgather", "topk: allgather every rank's pairs, or gtopk (re-select top-k in a recursive-doubling tree)", choices=TOPK_AGGREGATES)
+    momentum_correction: bool = opt(False, "topk: DGC momentum correction (accumulate velocity, not gradient; needs --optimizer sgd, whose momentum it replaces)")
+    topk_warmup_steps: int = opt(0, "topk: density decays exponentially from 25%% to --topk-ratio over this many steps", check=non_negative)
+    local_clip: float = opt(0.0, "topk: clip each rank's gradient norm before accumulation (0 disables)", check=non_negative)
     # evaluation and output
     eval_every: int = opt(100, "evaluate the validation loss every N steps (and at the end)", check=positive)
     eval_batches: int = opt(8, "validation batches (of --batch-size sequences, spread over all ranks) per evaluation", check=positive)
@@ -191,6 +202,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
             problem = "must be a finite number"
         if problem:
             raise UsageError(f"{flag} {value}: {problem}")
+    if cfg.momentum_correction and (cfg.compress != "topk" or cfg.optimizer != "sgd"):
+        raise UsageError("--momentum-correction needs --compress topk and --optimizer sgd (it takes over SGD's momentum)")
     if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     return cfg

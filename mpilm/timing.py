@@ -111,6 +111,34 @@ class PhaseTimer:
                 if traced_step is not None:
                     self.tracer.add(phase_track(name), name, t0, t1, traced_step)
 
+    @contextmanager
+    def carve(self, name: str, parent: str):
+        """A sub-phase inside the open phase ``parent``: its time counts as ``name``, not ``parent``.
+
+        The compressors use it for their own arithmetic (select, pack, accumulate, cast) inside
+        the exposed ``comm`` phase, so ``compress`` and ``comm`` stay disjoint and still add up.
+        """
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                traced_step = self._step if self.tracer is not None and self.tracer.recording else None
+                self._pending.append((self._current, name, start, end, traced_step))
+                self._pending.append((self._current, parent, start, end, None, -1.0))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                t1 = time.perf_counter()
+                self._current[name] += t1 - t0
+                self._current[parent] -= t1 - t0
+                if self.tracer is not None and self.tracer.recording:
+                    self.tracer.add(phase_track(name), name, t0, t1, self._step)
+
     def add(self, name: str, seconds: float) -> None:
         """Credit time measured elsewhere (e.g. ``comm_total`` from the communication code)."""
         self._current[name] += seconds
@@ -120,8 +148,8 @@ class PhaseTimer:
         if not self._pending:
             return
         self._pending[-1][3].synchronize()  # device sync: waits for the last recorded phase
-        for target, name, start, end, traced_step in self._pending:
-            target[name] = target.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        for target, name, start, end, traced_step, *sign in self._pending:
+            target[name] = target.get(name, 0.0) + (sign[0] if sign else 1.0) * start.elapsed_time(end) / 1e3
             if traced_step is not None:
                 t0 = self._device_to_host(start)
                 self.tracer.add(phase_track(name), name, t0, t0 + start.elapsed_time(end) / 1e3, traced_step)

@@ -29,7 +29,7 @@ from mpi4py import MPI
 from tqdm import tqdm
 
 from mpilm import checkpoint, config, data, models, optim
-from mpilm.comm import collectives, world
+from mpilm.comm import collectives, compress, world
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
 from mpilm.errors import UsageError
 from mpilm.timing import PHASES, PhaseTimer, Tracer, format_run_metrics, format_table, run_metrics
@@ -105,9 +105,16 @@ def run(argv: list[str] | None = None) -> dict | None:
                          n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout).to(device)
     broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device)  # SYNC: map check
-    optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    # with DGC momentum correction the compressor applies the momentum: SGD must not apply it twice
+    optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                            0.0 if cfg.momentum_correction else cfg.momentum)
     tracer = Tracer(rank, cfg.trace_steps) if cfg.trace else None
     timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
+    compressor = compress.make_compressor(
+        cfg.compress, topk_ratio=cfg.topk_ratio, error_feedback=cfg.error_feedback, aggregate=cfg.topk_aggregate,
+        momentum_correction=cfg.momentum_correction, momentum=cfg.momentum, local_clip=cfg.local_clip,
+        warmup_steps=cfg.topk_warmup_steps)  # topk builds or loads the C++ kernels here, not in step 1
+    compressor.timer = timer
     out = Path(cfg.out)
     # collective on first use (auto may look at the node layout), so every rank asks
     auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
@@ -121,6 +128,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters | "
               f"{len(grads.buckets)} gradient bucket(s) of up to {max(block_sizes) / 2**20:.2f} MiB | "
               f"allreduce {cfg.allreduce}")
+        if cfg.compress != "none":
+            print(f"compression {compressor.describe()}")
         if auto_choice:
             print("auto allreduce per bucket size: " + ", ".join(f"{size / 2**20:.2f} MiB -> {algo}" for size, algo in auto_choice))
         print(f"data: {corpus.n_train:,} training tokens, {corpus.block.numel():,} per rank, "
@@ -149,8 +158,11 @@ def run(argv: list[str] | None = None) -> dict | None:
         timer.begin_step(step)
         lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         optim.set_lr(optimizer, lr)
+        reduce_bucket = None if cfg.compress == "none" else (
+            lambda view, index, step=step: compressor.allreduce_(view, index, comm, cfg.allreduce, step))
         losses.append(train_step(model, grads, optimizer, get_batch(step), cfg.grad_accum, timer,
-                                 algorithm=cfg.allreduce, grad_clip=cfg.grad_clip, autocast=autocast))
+                                 algorithm=cfg.allreduce, grad_clip=cfg.grad_clip, reduce_bucket=reduce_bucket,
+                                 autocast=autocast))
         timer.end_step()
         bar.update(1)
         last = step + 1 == cfg.steps
@@ -184,6 +196,8 @@ def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_pe
     for phase in (*PHASES, "comm_total"):
         record[f"{phase}_s"] = sum(s.get(phase, 0.0) for s in window) / len(window)
     record["comm_share"] = record["comm_s"] / step_s
+    for key in ("bytes_sent", "bytes_received"):  # this rank's bytes handed to / taken from MPI
+        record[key] = sum(s.get(key, 0) for s in window) / len(window)
     return record
 
 

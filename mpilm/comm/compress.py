@@ -62,6 +62,7 @@ same bucket sizes, keys, steps and options (the pair counts are derived, not exc
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -122,6 +123,12 @@ def goes_dense(n: int, k: int, p: int, aggregate: str) -> bool:
 # ---------------------------------------------------------------- compressors
 class Compressor:
     name = "none"
+    # a PhaseTimer (set by the trainer): the compressors' own arithmetic is carved out of the
+    # exposed comm phase into "compress"; None outside training
+    timer = None
+
+    def _computing(self):
+        return self.timer.carve("compress", "comm") if self.timer is not None else contextlib.nullcontext()
 
     def describe(self) -> str:
         return "none: dense fp32 allreduce"
@@ -149,9 +156,11 @@ class HalfPrecision(Compressor):
         half = self._half.get(key)
         if half is None or half.numel() != bucket.numel() or half.device != bucket.device:
             half = self._half[key] = torch.empty(bucket.numel(), dtype=self.dtype, device=bucket.device)
-        torch.div(bucket, comm.Get_size(), out=half)  # divide in fp32, round once into the half type
+        with self._computing():
+            torch.div(bucket, comm.Get_size(), out=half)  # divide in fp32, round once into the half type
         collectives.allreduce(half, comm, algorithm, "sum")
-        bucket.copy_(half)
+        with self._computing():
+            bucket.copy_(half)
 
 
 @dataclass
@@ -212,18 +221,21 @@ class TopK(Compressor):
         p = comm.Get_size()
         state = self._bucket_state(key, bucket)
         k = topk_count(n, self.density(step))
-        if self.local_clip > 0:
-            self._clip_local_(bucket, p)
         if goes_dense(n, k, p, self.aggregate):
+            if self.local_clip > 0:
+                self._clip_local_(bucket, p)
             self._report_dense(comm, key, n, k, p)
             self._dense_(bucket, state, comm, algorithm)
             return
-        if self.momentum_correction:
-            state.velocity.mul_(self.momentum).add_(bucket)  # u = m u + g
-            source = state.velocity
-        else:
-            source = bucket
-        idx, val = self._select(source, state, k)
+        with self._computing():
+            if self.local_clip > 0:
+                self._clip_local_(bucket, p)
+            if self.momentum_correction:
+                state.velocity.mul_(self.momentum).add_(bucket)  # u = m u + g
+                source = state.velocity
+            else:
+                source = bucket
+            idx, val = self._select(source, state, k)
         if self.aggregate == "gtopk":
             delivered = self._gtopk_exchange_(bucket, state, idx, val, k, comm)
         else:
@@ -315,10 +327,11 @@ class TopK(Compressor):
         if gathered.device != bucket.device:
             gathered = gathered.to(bucket.device)
         rows = gathered.view(p, 2 * k)
-        bucket.zero_()
-        for r in range(p):  # rank order: every rank adds the same values in the same order
-            kernels.sparse_accumulate(bucket, rows[r, :k], rows[r, k:].view(torch.float32))
-        bucket.div_(p)
+        with self._computing():
+            bucket.zero_()
+            for r in range(p):  # rank order: every rank adds the same values in the same order
+                kernels.sparse_accumulate(bucket, rows[r, :k], rows[r, k:].view(torch.float32))
+            bucket.div_(p)
 
     def _gtopk_exchange_(self, bucket, state, idx, val, k, comm) -> torch.Tensor:
         """Global top-k by recursive doubling; returns this rank's delivered indices.
@@ -352,13 +365,14 @@ class TopK(Compressor):
                         folded = (folded[0], folded[1] & torch.isin(folded[0], cur_idx, assume_unique=True))
                 if folded is not None:
                     self._return_to_folded(state, grp.comm, grp.rank - 1, cur_idx, cur_val, folded[1], k)
-        bucket.zero_()
-        kernels.sparse_accumulate(bucket, cur_idx, cur_val)
-        bucket.div_(p)
-        if self.error_feedback:
-            dropped = ~alive
-            # own pairs that did not survive go back where they came from (their residual slots are 0)
-            kernels.sparse_accumulate(state.residual, own_idx[dropped], own_val[dropped])
+        with self._computing():
+            bucket.zero_()
+            kernels.sparse_accumulate(bucket, cur_idx, cur_val)
+            bucket.div_(p)
+            if self.error_feedback:
+                dropped = ~alive
+                # own pairs that did not survive go back where they came from (their residual slots are 0)
+                kernels.sparse_accumulate(state.residual, own_idx[dropped], own_val[dropped])
         return own_idx[alive]
 
     # gtopk messages: one packed [k indices | k values] buffer each way per round
