@@ -41,8 +41,9 @@ def train_step(model, grads: GradBuffer, optimizer, get_batch, accum: int, timer
 
     ``get_batch(micro)`` returns (x, y) on the model's device.
     """
-    grads.zero_()
-    total = torch.zeros((), device=grads.params[0].device)
+    with timer.phase("optimizer"):  # zero_grad is the optimizer's bookkeeping
+        grads.zero_()
+        total = torch.zeros((), device=grads.params[0].device)
     for micro in range(accum):
         with timer.phase("data"):
             x, y = get_batch(micro)
@@ -51,9 +52,9 @@ def train_step(model, grads: GradBuffer, optimizer, get_batch, accum: int, timer
             loss = loss / accum  # the mean over all micro-batches, so accumulation == a bigger batch
         with timer.phase("backward"):
             loss.backward()
-        total += loss.detach()
-    grads.check_views()
+            total += loss.detach()
     with timer.phase("comm"):
+        grads.check_views()
         # SYNC: every bucket waits for every rank's gradients
         timer.add("comm_total", grads.sync(reduce_bucket, algorithm))
     with timer.phase("optimizer"):
