@@ -1,0 +1,40 @@
+"""`bench convergence` end to end at a tiny size: rows for every variant, ratios against none."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mpi4py import MPI
+
+from mpilm.bench.__main__ import main as bench_main
+
+TINY = ["--steps", "6", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
+        "--batch-size", "4", "--eval-every", "6", "--log-every", "2", "--eval-batches", "1"]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_convergence_bench_writes_table_json_and_plot(tmp_path_factory):
+    comm = MPI.COMM_WORLD
+    root = Path(comm.bcast(str(tmp_path_factory.mktemp("conv")) if comm.rank == 0 else None))
+    code = bench_main(["convergence", "--variants", "topk-10%,topk-10%-noef", "--out", str(root / "runs"),
+                       "--json", str(root / "c.json"), "--plot", str(root / "c.png"), "--", *TINY,
+                       "--allreduce", "ring"])
+    assert code == 0
+    if comm.rank != 0:
+        return
+    rows = json.loads((root / "c.json").read_text())
+    assert [r["variant"] for r in rows] == ["none", "topk-10%", "topk-10%-noef"]
+    assert rows[0]["val_loss_vs_none"] == 1.0 and rows[0]["bytes_reduction"] == 1.0
+    for r in rows[1:]:
+        assert r["bytes_sent_per_step"] < rows[0]["bytes_sent_per_step"] / 2
+        assert len(r["loss_curve"]) == 3 and r["compress_ms_per_step"] > 0
+    assert (root / "c.png").stat().st_size > 10_000
+
+
+def test_unknown_variant_is_a_usage_error():
+    from mpilm.bench import convergence
+    from mpilm.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown topk-50%"):
+        convergence.parse_variants("none,topk-50%")
+    assert convergence.parse_variants("fp16") == ["none", "fp16"]
