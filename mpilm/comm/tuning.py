@@ -167,18 +167,28 @@ def _rules_for(path: Path, world_size: int, rpn: int) -> tuple[dict[str, list], 
             if key.startswith(prefix)}, None
 
 
-def _state(comm: MPI.Comm) -> dict:
-    """This communicator's cache: ``{"generation", "tables": {path: rules by dtype}, "memo"}``."""
+class _State:
+    """One communicator's cache: rules per file (by dtype) and finished choices per size."""
+
+    __slots__ = ("generation", "tables", "memo")
+
+    def __init__(self):
+        self.generation = _generation
+        self.tables: dict[Path, dict[str, list]] = {}
+        self.memo: dict[tuple, str] = {}
+
+
+def _state(comm: MPI.Comm) -> _State:
     state = comm.Get_attr(_CACHE_KEYVAL)
-    if state is None or state["generation"] != _generation:
-        state = {"generation": _generation, "tables": {}, "memo": {}}
+    if state is None or state.generation != _generation:
+        state = _State()
         comm.Set_attr(_CACHE_KEYVAL, state)
     return state
 
 
 def _table(comm: MPI.Comm, path: Path) -> dict[str, list]:
     """The rules of ``path`` that apply to ``comm`` by dtype, cached on it. Collective on a miss."""
-    tables = _state(comm)["tables"]
+    tables = _state(comm).tables
     table = tables.get(path)
     if table is not None:
         return table
@@ -216,14 +226,15 @@ def choose(nbytes: int, comm: MPI.Comm, dtype: torch.dtype = torch.float32, tuni
 
     Hot path (every ``auto`` call): one attribute lookup and one dict lookup once a size was seen.
     """
-    state = _state(comm)
-    key = (nbytes, dtype, tuning_file)
-    algorithm = state["memo"].get(key)
-    if algorithm is None:
-        memo = state["memo"]
-        if len(memo) >= 4096:  # bounded for callers that never repeat a size
-            memo.clear()
-        algorithm = memo[key] = pick(rules(comm, dtype, tuning_file)[0], nbytes)
+    state = comm.Get_attr(_CACHE_KEYVAL)
+    if state is not None and state.generation == _generation:
+        algorithm = state.memo.get((nbytes, dtype, tuning_file))
+        if algorithm is not None:
+            return algorithm
+    memo = _state(comm).memo
+    if len(memo) >= 4096:  # bounded for callers that never repeat a size
+        memo.clear()
+    algorithm = memo[(nbytes, dtype, tuning_file)] = pick(rules(comm, dtype, tuning_file)[0], nbytes)
     return algorithm
 
 
