@@ -35,8 +35,8 @@ from mpi4py import MPI
 from mpilm.comm import p2p, tuning, world
 
 ALGORITHMS = ("ring", "rhd", "tree", "shm", "hier", "mpi", "auto")
-# algorithms whose halves are exposed as reduce_scatter / allgather (same slice ownership)
-HALF_ALGORITHMS = ("ring", "mpi")
+# what reduce_scatter / allgather accept (both give rank r the shard_bounds slice r)
+REDUCE_SCATTER_ALGORITHMS = ("ring", "mpi")
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
@@ -123,16 +123,14 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     ``algorithm``: ``ring`` (mpilm's pipelined ring) or ``mpi`` (``MPI_Reduce_scatter``).
     """
     comm = comm or world.WORLD
-    _check(buf, algorithm, op, HALF_ALGORITHMS, "reduce_scatter")
+    _check(buf, algorithm, op, REDUCE_SCATTER_ALGORITHMS, "reduce_scatter")
     p, r = comm.Get_size(), comm.Get_rank()
     lo, hi = shard_bounds(buf.numel(), p, r)
     mine = buf[lo:hi]
     if p == 1 or buf.numel() == 0:
         return _finish(mine, p, op)
     if algorithm == "ring":
-        from mpilm.comm import ring
-
-        ring.reduce_scatter_sum(buf, comm)
+        _module("ring").reduce_scatter_sum(buf, comm)
         return _finish(mine, p, op)
     # mpi: the library's Reduce_scatter on an fp32 (or native fp64) copy; cold path, not in place
     wide = buf.float() if buf.dtype in _HALF_TYPES else buf  # only read: the result lands apart
@@ -152,14 +150,12 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
 def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = "ring") -> torch.Tensor:
     """Fill every rank's ``shard_bounds`` slice of ``buf`` from that rank, in place; returns ``buf``."""
     comm = comm or world.WORLD
-    _check(buf, algorithm, "sum", HALF_ALGORITHMS, "allgather")
+    _check(buf, algorithm, "sum", REDUCE_SCATTER_ALGORITHMS, "allgather")
     p = comm.Get_size()
     if p == 1 or buf.numel() == 0:
         return buf
     if algorithm == "ring":
-        from mpilm.comm import ring
-
-        ring.allgather(buf, comm)
+        _module("ring").allgather(buf, comm)
         return buf
     n = buf.numel()
     counts = [shard_bounds(n, p, q)[1] - shard_bounds(n, p, q)[0] for q in range(p)]

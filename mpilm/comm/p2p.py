@@ -6,21 +6,22 @@ What it does:
   match a user's receive, plus what every call would otherwise recompute: size, rank, and the
   power-of-two fold-in (``fold_in``) that ``rhd`` and ``tree`` share.
 - ``Wire``: one tensor's zero-copy MPI view; ``wire.seg(lo, hi)`` is the ``[memory, count, type]``
-  spec of elements ``[lo, hi)`` (numpy slicing on CPU, tensor slicing on CUDA; no copies).
+  spec of elements ``[lo, hi)`` (an address-based buffer on the host, the tensor itself on CUDA;
+  no copies).
+- ``segment_elems`` / ``segments(lo, hi, seg)``: the one definition of how a range is cut into
+  messages; sender and receiver of a range both call it with the same arguments, so their
+  messages match one to one.
 - ``scratch(like, n, slot)``: segment-sized receive buffers (with their ``Wire``), allocated
   once per (thread, device, dtype, slot) and grown only when a larger segment is asked for, so
   hot paths do not allocate.
-- ``segments(lo, hi, seg)``: the one definition of how a range is cut into messages; sender and
-  receiver of a range both call it with the same arguments, so their messages match one to one.
 - ``send_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range sent as segments,
   and a range received segment by segment into a small window of scratch buffers and added into
   its destination while the next segments are still in flight.
 - ``finish(t, p, op)``: the divide of ``op="avg"``.
 - ``device_sync(t)``: waits for queued CUDA work on ``t`` before MPI reads or rewrites it.
 
-What it does not: choose algorithms (``collectives.py``), count nothing twice: every function
-that moves bytes returns ``(sent, received)`` and the algorithm adds the totals to
-``world.traffic`` once.
+What it does not: choose algorithms (``collectives.py``) or count traffic: functions that move
+bytes return them and each algorithm adds its totals to ``world.traffic`` once.
 
 Limits: messages on one private communicator are matched in posting order (MPI's non-overtaking
 rule), so a collective must not run concurrently with another one on the same communicator from a
@@ -163,6 +164,14 @@ def scratch(like: torch.Tensor, n: int, slot: int = 0, dtype: torch.dtype | None
     view = base[:n]
     hit = views[key] = (view, Wire(view))
     return hit
+
+
+def segment_elems(itemsize: int, segment_bytes: int | None, default_bytes: int) -> int:
+    """Elements of ``itemsize`` bytes per message: ``segment_bytes`` (or the default) worth."""
+    size = default_bytes if segment_bytes is None else segment_bytes
+    if size < 1:
+        raise ValueError(f"segment_bytes={size}: must be >= 1")
+    return max(1, size // itemsize)
 
 
 def segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:

@@ -16,9 +16,9 @@ bandwidth term with only 2 lg p' latency steps instead of 2(p-1), which makes it
 medium messages and for large ones at power-of-two p; the fold-in makes the ring better for very
 large messages at other world sizes.
 
-Every transfer that is added into the buffer moves as segments through a small window of
-cached scratch slots (``p2p.exchange_reduce``), so no temporary larger than a segment exists,
-also for the fold-in. Half types travel and add in their own type, as in the ring (see
+Every transfer that is added into the buffer moves as segments of ``ring.SEGMENT_BYTES``
+through a small window of cached scratch slots (``p2p.exchange_reduce``), so no temporary
+larger than a segment exists, also for the fold-in. Half types travel and add in their own type, as in the ring (see
 ``ring.py``); results are bit-identical on all ranks (the allgather copies owners' bytes).
 """
 
@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, world
+from mpilm.comm import p2p, ring, world
 from mpilm.comm.collectives import shard_bounds
-from mpilm.comm.ring import _segment_elems
 
 _TAG_FOLD = 21
 _TAG_HALVING = 22
@@ -47,7 +46,7 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
         return p2p.finish(t, p, op)
     comm, r = g.comm, g.rank
     core, rem, newrank = g.core, g.rem, g.newrank
-    seg = _segment_elems(t, segment_bytes)
+    seg = p2p.segment_elems(t.element_size(), segment_bytes, ring.SEGMENT_BYTES)  # the ring's message size
     wire = p2p.Wire(t)
     nbytes = n * wire.itemsize
     sent = received = 0

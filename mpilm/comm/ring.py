@@ -44,13 +44,6 @@ _TAG_REDUCE_SCATTER = 11
 _TAG_ALLGATHER = 12
 
 
-def _segment_elems(t: torch.Tensor, segment_bytes: int | None) -> int:
-    size = SEGMENT_BYTES if segment_bytes is None else segment_bytes
-    if size < 1:
-        raise ValueError(f"ring: segment_bytes={size}: must be >= 1")
-    return max(1, size // t.element_size())
-
-
 class _Plan:
     """What both halves need to know about one call: computed once per allreduce."""
 
@@ -59,7 +52,7 @@ class _Plan:
     def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None):
         self.p, self.r = g.size, g.rank
         self.right, self.left = (self.r + 1) % self.p, (self.r - 1) % self.p
-        self.seg = _segment_elems(t, segment_bytes)
+        self.seg = p2p.segment_elems(t.element_size(), segment_bytes, SEGMENT_BYTES)
         self.wire = p2p.Wire(t)
         n = t.numel()
         self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]

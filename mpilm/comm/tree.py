@@ -53,10 +53,7 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
         return p2p.finish(t, p, op)
     widen = t.dtype in _HALF_TYPES
     work_dtype = torch.float32 if widen else t.dtype
-    size = SEGMENT_BYTES if segment_bytes is None else segment_bytes
-    if size < 1:
-        raise ValueError(f"tree: segment_bytes={size}: must be >= 1")
-    seg = max(1, size // (4 if widen else t.element_size()))
+    seg = p2p.segment_elems(4 if widen else t.element_size(), segment_bytes, SEGMENT_BYTES)
     private, r, rem, newrank = g.comm, g.rank, g.rem, g.newrank
     folds = r < 2 * rem
     on_device = t.is_cuda
