@@ -57,7 +57,8 @@ def test_scaling_weak_launches_each_np_and_tabulates(tmp_path, corpus, capsys):
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / 2)
     assert rows[1]["busbw_gbps"] > 0 and rows[0]["busbw_gbps"] is None
     assert {"forward", "backward", "comm", "optimizer"} <= set(rows[1]["phases_ms"])
-    assert (tmp_path / "runs" / "np2-r0" / "summary.json").is_file()
+    run = json.loads((tmp_path / "runs" / "np2-r0" / "summary.json").read_text())  # tokens/s at the median step
+    assert rows[1]["tokens_per_s"] == pytest.approx(2 * 2 * 16 / run["phases"]["step"]["p50"])
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert "efficiency" in stdout
 
@@ -133,6 +134,7 @@ def test_cost_terms_follow_the_algorithms():
     assert cost_model.cost_terms("rhd", 3, n) == (4, 3000)  # fold-in: p' = 2, plus 2 messages and 2n
     assert cost_model.cost_terms("tree", 8, n) == (3, 3000)
     assert cost_model.cost_terms("topk", 5, 80) == (4, 320)
+    assert cost_model.cost_terms("gtopk", 8, 80) == (3, 240)
     assert cost_model.cost_terms("ring", 1, n) == (0, 0)
     assert cost_model.bucket_sizes(10, 4) == [4, 4, 2] and cost_model.bucket_sizes(8, 4) == [4, 4]
 
@@ -170,13 +172,29 @@ def test_model_fits_on_two_ranks_and_predicts_three_and_four(tmp_path, capsys):
     predictions = doc["predictions"]
     assert [r["world_size"] for r in predictions] == [2**k for k in range(1, 11)]
     for row in predictions:
-        assert set(row["algorithms"]) == {"ring", "rhd", "tree", "topk"}
+        assert set(row["algorithms"]) == {"ring", "rhd", "tree", "topk", "gtopk"}
         effs = {a: v["efficiency"] for a, v in row["algorithms"].items()}
         assert all(0 < e <= 1 for e in effs.values())
         assert row["best"] == max(effs, key=effs.get)
-    # top-k's allgather grows with N: it wins small, loses large
-    assert predictions[0]["best"] == "topk" and predictions[-1]["best"] != "topk"
+        assert row["best_dense"] == max(("ring", "rhd", "tree"), key=effs.get)
+    # top-k's allgather grows with N (until it goes dense), gtop-k's rounds only with lg N
+    assert predictions[0]["best"] in ("topk", "gtopk") and predictions[-1]["best"] == "gtopk"
+    last = predictions[-1]["algorithms"]
+    assert last["topk"]["step_ms"] == pytest.approx(last["ring"]["step_ms"])  # 1024 ranks: top-k went dense
     assert doc["wins"] and (tmp_path / "model.png").stat().st_size > 0
+
+
+def test_fit_models_ranks_time_sharing_cores():
+    """Measured on 2 cores, 4 ranks take twice the link time: --cores 2 recovers alpha and beta."""
+    rows = synthetic_rows()
+    for row in rows:
+        row["time_us"] *= cost_model.contention(row["world_size"], 2)
+    ring = [r for r in rows if r["algorithm"] == "ring"]
+    alpha, beta = cost_model.fit(ring, "ring", cores=2)
+    assert (alpha, beta) == (pytest.approx(ALPHA_BETA["ring"][0], rel=1e-6), pytest.approx(ALPHA_BETA["ring"][1], rel=1e-6))
+    assert cost_model.fit(ring, "ring")[0] != pytest.approx(alpha, rel=1e-3)  # without it the fit is off
+    assert [cost_model.contention(p, 2) for p in (1, 2, 3, 4)] == [1, 1, 1.5, 2]
+    assert cost_model.contention(8, None) == 1
 
 
 def test_model_with_a_given_network_and_a_run_summary(tmp_path, capsys):

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", default=DEFAULT_ALGORITHMS,
                         help="mpilm allreduce algorithms to run against DDP, comma-separated (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each runner left out of timing (default %(default)s)")
-    parser.add_argument("--block-steps", type=int, default=5, help="steps a runner takes per turn (default %(default)s)")
+    parser.add_argument("--block-steps", type=int, default=1,
+                        help="steps a runner takes per turn; 1 spreads bursts of machine load evenly (default %(default)s)")
     parser.add_argument("--check-steps", type=int, default=5, help="first steps whose losses must match DDP's (default %(default)s)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss difference| in the check (default %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")

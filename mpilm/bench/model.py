@@ -8,19 +8,25 @@ bytes on the algorithm's critical path (p' = largest power of two <= p; "fold" =
     rhd    (2 lg p' + 2 fold) alpha + (2(p'-1)/p' n + 2 n fold) beta     (mpi is fitted in this shape)
     tree   (lg p' + 2 fold) (alpha + n beta)                             (recursive doubling)
     topk   (p-1) alpha + (p-1) 8k beta     (allgather of k (fp32 value, int32 index) pairs per rank)
+    gtopk  (lg p' + 2 fold) (alpha + 8k beta)   (global top-k: k pairs per recursive-doubling round)
 
 1. Fit: ``--from allreduce.json[,more.json]`` (rows of ``python -m mpilm.bench allreduce --json``)
    gives, per algorithm, alpha and beta by least squares on the relative error (so 4 KiB and
    256 MiB points count alike), non-negative. ``--fit-np 2`` fits on those world sizes only; every
    other measured world size is then predicted from that fit and the error is shown (validation).
+   ``--cores C`` says the measurements ran on one node of C cores: p > C ranks time-share them, so
+   every step of a measured p-rank allreduce is taken to last max(1, p/C) times longer (fit and
+   validation only; the predictions below assume a core per rank).
 2. Predict: with the compute time of one step (``--compute-ms``, or ``--from-summary`` a training
    run's summary.json, which also gives the gradient bytes and bucket size) the step time at N
    ranks is compute + the sum over gradient buckets of the allreduce time (mpilm reduces after
    backward, so nothing overlaps), and the weak-scaling efficiency is compute / step. For N = 2,
    4, ... ``--max-np`` it prints each algorithm's step time and efficiency and which one wins.
    ``--alpha 2us --bandwidth 25GB/s`` replaces the fitted numbers by a given network (one link
-   model for every algorithm; either alone replaces just that one). top-k uses the ring's fit
-   (its allgather runs over the ring) and ``--topk-density``.
+   model for every algorithm; either alone replaces just that one). top-k and gtop-k use the
+   ring's fit (the same point-to-point links) and ``--topk-density``; like ``--compress topk``
+   in training, a bucket whose sparse exchange would move more bytes than the dense ring is
+   predicted as the dense ring instead.
 
 Limits: the model has no reduction-compute (gamma) term (it is folded into beta), no contention
 (ranks sharing a node's memory or NIC), no segmentation/pipelining effects, and top-k's selection
@@ -46,7 +52,8 @@ from mpilm.errors import UsageError
 DESCRIPTION = "alpha-beta cost model fitted to this machine; predicted scaling"
 
 FITTED_SHAPES = ("ring", "rhd", "tree", "mpi")  # measured algorithms with a cost formula
-PREDICTED = ("ring", "rhd", "tree", "topk")
+PREDICTED = ("ring", "rhd", "tree", "topk", "gtopk")
+SPARSE = ("topk", "gtopk")
 PAIR_BYTES = 8  # one top-k entry on the wire: fp32 value + int32 index
 TARGET_ERROR = 0.30
 
@@ -79,7 +86,7 @@ def parse_rate(text: str, option: str) -> float:
 def cost_terms(algorithm: str, p: int, n: float) -> tuple[float, float]:
     """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks.
 
-    For ``topk`` n is the bytes of one rank's selected pairs (8k)."""
+    For ``topk`` and ``gtopk`` n is the bytes of one rank's selected pairs (8k)."""
     if p <= 1:
         return 0.0, 0.0
     p2 = 1 << (p.bit_length() - 1)
@@ -89,7 +96,7 @@ def cost_terms(algorithm: str, p: int, n: float) -> tuple[float, float]:
         return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
     if algorithm in ("rhd", "mpi"):
         return 2 * lg + 2 * fold, 2.0 * (p2 - 1) / p2 * n + 2 * n * fold
-    if algorithm == "tree":
+    if algorithm in ("tree", "gtopk"):
         return lg + 2 * fold, (lg + 2 * fold) * n
     if algorithm == "topk":
         return float(p - 1), float(p - 1) * n
@@ -101,9 +108,15 @@ def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float)
     return a * alpha + b * beta
 
 
-def fit(rows: list[dict], algorithm: str) -> tuple[float, float]:
+def contention(p: int, cores: int | None) -> float:
+    """How much longer each step takes when p ranks share ``cores`` cores (None: not modelled)."""
+    return max(1.0, p / cores) if cores else 1.0
+
+
+def fit(rows: list[dict], algorithm: str, cores: int | None = None) -> tuple[float, float]:
     """Non-negative (alpha, beta) minimising the squared *relative* error over ``rows``."""
-    terms = np.array([cost_terms(algorithm, r["world_size"], r["size_bytes"]) for r in rows])
+    terms = np.array([np.multiply(cost_terms(algorithm, r["world_size"], r["size_bytes"]),
+                                  contention(r["world_size"], cores)) for r in rows])
     times = np.array([r["time_us"] * 1e-6 for r in rows])
     design = terms / times[:, None]  # divide each equation by its measurement: relative error
     target = np.ones(len(rows))
@@ -129,10 +142,17 @@ def bucket_sizes(gradient_bytes: int, bucket_bytes: int) -> list[int]:
 
 
 def step_comm_seconds(algorithm: str, p: int, buckets: list[int], alpha: float, beta: float, density: float) -> float:
-    if algorithm == "topk":
-        # k entries of 4-byte gradients per bucket, each sent as an 8-byte (value, index) pair
-        return sum(predict_seconds("topk", p, max(1, round(density * b / 4)) * PAIR_BYTES, alpha, beta) for b in buckets)
-    return sum(predict_seconds(algorithm, p, b, alpha, beta) for b in buckets)
+    if algorithm not in SPARSE:
+        return sum(predict_seconds(algorithm, p, b, alpha, beta) for b in buckets)
+    total = 0.0
+    for b in buckets:
+        # k entries of 4-byte gradients per bucket, each sent as an 8-byte (index, value) pair
+        pairs = math.ceil(density * b / 4) * PAIR_BYTES
+        if cost_terms(algorithm, p, pairs)[1] >= cost_terms("ring", p, b)[1]:
+            total += predict_seconds("ring", p, b, alpha, beta)  # goes dense, as the compressor does
+        else:
+            total += predict_seconds(algorithm, p, pairs, alpha, beta)
+    return total
 
 
 # ---------------------------------------------------------------- CLI
@@ -142,6 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-np", default=None,
                         help="fit on these world sizes only (comma-separated); the others are predicted and checked "
                              "(default: all measured)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="the measured ranks shared one node of this many cores: model their time-sharing "
+                             "(fit and validation; default: not modelled)")
     parser.add_argument("--compute-ms", type=float, default=None, help="compute time of one training step (ms)")
     parser.add_argument("--from-summary", default=None,
                         help="a training run's summary.json: compute time per step, gradient bytes (and bucket size "
@@ -209,7 +232,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"
 
 
-def _validation(rows: list[dict], params: dict, fit_np: set[int]) -> list[dict]:
+def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | None) -> list[dict]:
     """Per algorithm and world size: predicted vs measured, relative errors."""
     out = []
     for algorithm, (alpha, beta) in params.items():
@@ -218,11 +241,12 @@ def _validation(rows: list[dict], params: dict, fit_np: set[int]) -> list[dict]:
                           key=lambda r: r["size_bytes"])
             points = []
             for r in mine:
-                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta) * 1e6
+                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta) * 1e6 * contention(p, cores)
                 points.append({"size_bytes": r["size_bytes"], "measured_us": r["time_us"], "predicted_us": predicted,
                                "rel_error": (predicted - r["time_us"]) / r["time_us"]})
             errors = [abs(q["rel_error"]) for q in points]
-            out.append({"algorithm": algorithm, "world_size": p, "in_fit": p in fit_np, "points": points,
+            out.append({"algorithm": algorithm, "world_size": p, "in_fit": p in fit_np,
+                        "contention": contention(p, cores), "points": points,
                         "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)})
     return out
 
@@ -239,20 +263,22 @@ def _predictions(work: dict, params: dict, density: float, max_np: int) -> list[
             row["algorithms"][algorithm] = {"comm_ms": comm * 1e3, "step_ms": step * 1e3,
                                             "efficiency": work["compute_s"] / step}
         row["best"] = min(row["algorithms"], key=lambda a: row["algorithms"][a]["step_ms"])
+        dense = [a for a in row["algorithms"] if a not in SPARSE]
+        row["best_dense"] = min(dense, key=lambda a: row["algorithms"][a]["step_ms"])
         rows.append(row)
         p *= 2
     return rows
 
 
-def _wins(predictions: list[dict]) -> list[str]:
-    """Contiguous N ranges where each algorithm is fastest."""
+def _wins(predictions: list[dict], key: str = "best", label: str = "") -> list[str]:
+    """Contiguous N ranges where each algorithm is fastest (``key``: best, or best_dense)."""
     spans = []
     for row in predictions:
-        if spans and spans[-1][0] == row["best"]:
+        if spans and spans[-1][0] == row[key]:
             spans[-1][2] = row["world_size"]
         else:
-            spans.append([row["best"], row["world_size"], row["world_size"]])
-    return [f"{name} wins for N = {lo}" + (f" .. {hi}" if hi != lo else "") for name, lo, hi in spans]
+            spans.append([row[key], row["world_size"], row["world_size"]])
+    return [f"{name} wins{label} for N = {lo}" + (f" .. {hi}" if hi != lo else "") for name, lo, hi in spans]
 
 
 def _plot(path: str, predictions: list[dict], validation: list[dict], title: str) -> None:
@@ -277,11 +303,11 @@ def _plot(path: str, predictions: list[dict], validation: list[dict], title: str
     if validation:
         ax = axes[0][1]
         lo, hi = math.inf, 0.0
-        for entry in validation:
+        for i, entry in enumerate(validation):
             measured = [q["measured_us"] for q in entry["points"]]
             predicted = [q["predicted_us"] for q in entry["points"]]
             lo, hi = min(lo, *measured, *predicted), max(hi, *measured, *predicted)
-            ax.scatter(measured, predicted, s=14, marker="o" if entry["in_fit"] else "x",
+            ax.scatter(measured, predicted, s=14, marker="o" if entry["in_fit"] else "x", color=plt.cm.tab20(i % 20),
                        label=f"{entry['algorithm']} N={entry['world_size']}{'' if entry['in_fit'] else ' (held out)'}")
         line = np.array([lo, hi])
         ax.plot(line, line, "k-", lw=0.8)
@@ -306,6 +332,8 @@ def run(args) -> dict:
     work = _workload(args)
     if not 0 < args.topk_density <= 1:
         raise UsageError(f"--topk-density {args.topk_density}: must be in (0, 1]")
+    if args.cores is not None and args.cores < 1:
+        raise UsageError(f"--cores {args.cores}: must be >= 1")
     if args.max_np < 2:
         raise UsageError(f"--max-np {args.max_np}: must be >= 2")
     alpha_override = parse_seconds(args.alpha, "--alpha") if args.alpha else None
@@ -332,17 +360,17 @@ def run(args) -> dict:
     for algorithm in FITTED_SHAPES:
         mine = [r for r in rows if r["algorithm"] == algorithm and r["world_size"] in fit_np]
         if len({r["size_bytes"] for r in mine}) >= 2:
-            fits[algorithm] = fit(mine, algorithm)
+            fits[algorithm] = fit(mine, algorithm, args.cores)
     if rows and not fits:
         raise UsageError(f"--from {args.sources}: no algorithm among {','.join(FITTED_SHAPES)} has two message sizes "
                          f"at world sizes {sorted(fit_np)} to fit")
-    validation = _validation(rows, fits, fit_np)
+    validation = _validation(rows, fits, fit_np, args.cores)
 
     # the link model each predicted algorithm uses: its own fit, top-k the ring's, or the given network
     fallback = fits.get("ring") or fits.get("rhd") or next(iter(fits.values()), (0.0, 0.0))
     params = {}
     for algorithm in PREDICTED:
-        alpha, beta = fits.get("ring" if algorithm == "topk" else algorithm, fallback)
+        alpha, beta = fits.get("ring" if algorithm in SPARSE else algorithm, fallback)
         params[algorithm] = (alpha_override if alpha_override is not None else alpha,
                              beta_override if beta_override is not None else beta)
     predictions = _predictions(work, params, args.topk_density, args.max_np)
@@ -351,7 +379,8 @@ def run(args) -> dict:
         f"in {len(bucket_sizes(work['gradient_bytes'], work['bucket_bytes']))} bucket(s) of "
         f"{_mib(work['bucket_bytes'])}, top-k density {args.topk_density:g}")
     if fits:
-        say(f"# fit on world sizes {sorted(fit_np)} from {args.sources}")
+        say(f"# fit on world sizes {sorted(fit_np)} from {args.sources}"
+            + (f"; {args.cores} cores shared by the measured ranks (contention max(1, p/{args.cores}))" if args.cores else ""))
         say(f"{'algorithm':<10}{'alpha us':>10}{'GB/s (1/beta)':>15}")
         for algorithm, (alpha, beta) in fits.items():
             say(f"{algorithm:<10}{alpha * 1e6:>10.2f}{(1 / beta / 1e9 if beta else math.inf):>15.3f}")
@@ -367,15 +396,15 @@ def run(args) -> dict:
             + (" (the other from the fit)" if (alpha_override is None) != (beta_override is None) else ""))
     names = list(params)
     say("# predicted step time in ms (weak-scaling efficiency)")
-    say(f"{'N':>6}" + "".join(f"{a:>18}" for a in names) + f"{'best':>7}")
+    say(f"{'N':>6}" + "".join(f"{a:>18}" for a in names) + f"{'best':>7}{'dense':>7}")
     for row in predictions:
         cells = "".join(f"{row['algorithms'][a]['step_ms']:>10.2f} ({row['algorithms'][a]['efficiency']:>4.0%})" for a in names)
-        say(f"{row['world_size']:>6}{cells}{row['best']:>7}")
-    wins = _wins(predictions)
+        say(f"{row['world_size']:>6}{cells}{row['best']:>7}{row['best_dense']:>7}")
+    wins = _wins(predictions) + _wins(predictions, "best_dense", " among dense allreduces")
     for line in wins:
         say(f"# {line}")
 
-    result = {"workload": work, "topk_density": args.topk_density, "fit_world_sizes": sorted(fit_np),
+    result = {"workload": work, "topk_density": args.topk_density, "fit_world_sizes": sorted(fit_np), "cores": args.cores,
               "fits": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in fits.items()},
               "link_model": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in params.items()},
               "validation": validation, "predictions": predictions, "wins": wins}

@@ -10,10 +10,12 @@ tokens/s, speed-up and efficiency against the smallest N, step time, exposed com
 - strong scaling: ``--batch-size`` is the *global* batch, each rank gets ``batch / N`` (it must
   divide); ideal is the same global step done N times faster.
 
-Speed-up = tokens/s(N) / tokens/s(N0) for the smallest N0 measured; efficiency = speed-up x N0 / N
-(for strong scaling tokens per step are fixed, so this is also the step-time ratio). With
-``--repeat R`` the N values are run in turn R times (so they share the machine's noise) and the
-median tokens/s is reported. ``--json`` writes the rows, ``--plot`` a PNG with throughput and
+tokens/s is the tokens of one global step over the run's *median* step time (a few steps stalled
+by other processes on a shared machine do not move it; the mean-based figure of each run's
+summary is kept in the JSON). Speed-up = tokens/s(N) / tokens/s(N0) for the smallest N0 measured;
+efficiency = speed-up x N0 / N (for strong scaling tokens per step are fixed, so this is also the
+step-time ratio). With ``--repeat R`` the N values are run in turn R times (so they share the
+machine's drifting load) and the median over runs is reported. ``--json`` writes the rows, ``--plot`` a PNG with throughput and
 efficiency vs N and each N's phases as stacked bars.
 
 Design and limits: this is a *launcher*. It must run as a single process (``python -m
@@ -144,21 +146,29 @@ def launch_train(launcher: str, np_flag: str, n: int, args: list[str], out: Path
     return json.loads((out / "summary.json").read_text())
 
 
+def median_step_throughput(summary: dict, tokens_per_step: int) -> float:
+    """Tokens/s at the run's median step time: robust to a few steps stalled by other processes."""
+    return tokens_per_step / summary["phases"]["step"]["p50"]
+
+
 def rows_from_summaries(runs: dict[int, list[dict]], batches: dict[int, int], block_size: int) -> list[dict]:
     """One row per N from its runs' summaries (medians over repeats); speed-up vs the smallest N."""
     rows = []
     for n in sorted(runs):
         summaries = runs[n]
-        pick = sorted(summaries, key=lambda s: s["tokens_per_s"])[(len(summaries) - 1) // 2]  # the median run
-        phases = pick["phases"]
+        tokens_per_step = batches[n] * block_size * n
+        throughputs = [median_step_throughput(s, tokens_per_step) for s in summaries]
+        pick = sorted(summaries, key=lambda s: median_step_throughput(s, tokens_per_step))[(len(summaries) - 1) // 2]
+        phases = pick["phases"]  # the median run's
         rows.append({
             "world_size": n,
             "batch_per_rank": batches[n],
-            "tokens_per_step": batches[n] * block_size * n,
-            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in summaries),
-            "tokens_per_s_per_rank": statistics.median(s["tokens_per_s_per_rank"] for s in summaries),
-            "tokens_per_s_runs": [s["tokens_per_s"] for s in summaries],
-            "step_ms": phases["step"]["mean"] * 1e3,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": statistics.median(throughputs),
+            "tokens_per_s_per_rank": statistics.median(throughputs) / n,
+            "tokens_per_s_runs": throughputs,
+            "tokens_per_s_mean_step_runs": [s["tokens_per_s"] for s in summaries],
+            "step_ms": phases["step"]["p50"] * 1e3,
             "comm_share": phases.get("comm", {}).get("share", 0.0),
             "comm_total_share": phases.get("comm_total", {}).get("share", 0.0),
             "busbw_gbps": pick.get("busbw_gbps"),
@@ -174,11 +184,11 @@ def rows_from_summaries(runs: dict[int, list[dict]], batches: dict[int, int], bl
 
 def format_rows(rows: list[dict], mode: str) -> str:
     lines = [f"{'N':>5} {'batch/rank':>10} {'tokens/s':>12} {'speed-up':>9} {'efficiency':>10} "
-             f"{'step ms':>9} {'comm':>6} {'busbw GB/s':>10}"]
+             f"{'p50 step ms':>12} {'comm':>6} {'busbw GB/s':>10}"]
     for r in rows:
         busbw = f"{r['busbw_gbps']:10.3f}" if r["busbw_gbps"] is not None else f"{'-':>10}"
         lines.append(f"{r['world_size']:>5} {r['batch_per_rank']:>10} {r['tokens_per_s']:>12,.0f} "
-                     f"{r['speedup']:>9.2f} {r['efficiency']:>10.1%} {r['step_ms']:>9.1f} {r['comm_share']:>6.1%} {busbw}")
+                     f"{r['speedup']:>9.2f} {r['efficiency']:>10.1%} {r['step_ms']:>12.1f} {r['comm_share']:>6.1%} {busbw}")
     return "\n".join(lines)
 
 
@@ -255,7 +265,9 @@ def run(args) -> dict:
                          "--batch-size", str(batches[n]), "--steps", str(args.steps)]
                 summary = launch_train(launcher, args.np_flag, n, child, root / f"np{n}-r{rep}", args.timeout)
                 runs[n].append(summary)
-                print(f"# np {n} run {rep + 1}/{args.repeat}: {summary['tokens_per_s']:,.0f} tok/s", flush=True)
+                tokens_per_step = batches[n] * block_size * n
+                print(f"# np {n} run {rep + 1}/{args.repeat}: {median_step_throughput(summary, tokens_per_step):,.0f} tok/s "
+                      f"at the median step ({summary['tokens_per_s']:,.0f} at the mean)", flush=True)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
