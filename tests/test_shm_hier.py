@@ -92,6 +92,21 @@ def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype):
             _assert_identical_on(node, x, what)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype):
+    """Regions longer than REDUCE_BLOCK are summed, divided and published block by block."""
+    from mpilm.comm import shm
+
+    monkeypatch.setattr(shm, "REDUCE_BLOCK", 257)  # the same on every rank
+    comm = _world()
+    everyone = list(range(comm.Get_size()))
+    for seed, n in enumerate([1009, 2**16 + 3]):
+        x = _input(n, dtype, seed, comm.Get_rank())
+        shm.allreduce(x, comm, op="avg")
+        _assert_close(x, _reference(n, dtype, seed, everyone, "avg"), dtype, f"blocked n={n} {dtype}")
+        _assert_identical_on(comm, x, f"blocked n={n} {dtype}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_shm_halves_match_reference(dtype):
     from mpilm.comm import shm

@@ -68,7 +68,7 @@ _ELEMENT_SIZES = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bf
 _CACHE_ENTRIES = 256  # call shapes remembered (plans, splits); cleared when full
 
 MIN_SCRATCH_BYTES = 1 << 20  # first scratch window; later ones double
-REDUCE_BLOCK = 1 << 16  # elements summed, divided and published per pass, while in L2
+REDUCE_BLOCK = 1 << 17  # elements summed, divided and published per pass, while in L2
 # Waiting for a peer: busy-poll (as MPI libraries do; giving the core away costs a scheduler
 # time slice whenever anything else is runnable) for SPIN_BUSY_S, then poll with os.sched_yield
 # until SPIN_YIELD_S, then sleep SPIN_SLEEP_S between polls. When this machine runs more of our
@@ -84,10 +84,10 @@ GIL_RELEASE_POLLS = 64  # busy-polls between GIL releases (a zero-timeout select
 # describe call k+1 while a slow peer still reads call k; it cannot get further ahead)
 _SLOT_WORDS = 16
 _ARRIVED = 0
-_WINDOW, _OFFSET, _NUMEL, _DTYPE, _KIND = range(5)  # words of one call description
+_WINDOW, _OFFSET, _SIGNATURE = range(3)  # words of one call description
 _DESCRIPTION_BASE = (2, 8)  # where the two descriptions start in a slot
 _SCRATCH = -1  # _WINDOW value: the input was copied into the scratch window
-_GROW = -2  # _WINDOW value: the scratch window is too small, every rank must grow it first
+_GROWING = (-2, 0)  # published input: my scratch window is too small, every rank must grow it
 _KINDS = {"allreduce": 1, "reduce_scatter": 2, "allgather": 3}
 _KIND_NAMES = {code: name for name, code in _KINDS.items()}
 _DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
@@ -102,6 +102,8 @@ class _SharedWindow:
             info.Set("alloc_shared_noncontig", "true")  # each segment on its owner's NUMA node
         self.win = MPI.Win.Allocate_shared(nbytes, 1, info, node)  # collective over the node
         info.Free()
+        if self.win.Get_attr(MPI.WIN_MODEL) != MPI.WIN_UNIFIED:  # never seen; the fences rely on it
+            raise RuntimeError("shm: this MPI library gives shared windows the separate memory model")
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's whole life
         self.nbytes = nbytes
         self._memory = [self.win.Shared_query(q)[0] for q in range(node.Get_size())]
@@ -147,11 +149,17 @@ class EvenSplit:
         return cached
 
 
-class _Plan:
-    """What one call shape (kind, split, length, dtype, where every input lies) reads and writes
-    in shared memory; independent of the caller's tensor, so it is cached."""
+class _Shape:
+    """The replicated facts of one kind of call (kind, split, length, dtype), cached."""
 
-    __slots__ = ("lo", "hi", "sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
+    __slots__ = ("n", "dtype", "signature", "lo", "hi", "bounds", "reduce", "gather", "as_numpy", "wide")
+
+
+class _Plan:
+    """What a call of one shape reads and writes in shared memory, given where every input lies;
+    independent of the caller's tensor, so it is cached."""
+
+    __slots__ = ("sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
 
 
 class _NodeGroup:
@@ -162,6 +170,7 @@ class _NodeGroup:
         self.me = node.Get_rank()
         self.p = node.Get_size()
         self.peers = [q for q in range(self.p) if q != self.me]
+        self.description_bases = [[q * _SLOT_WORDS + first for q in range(self.p)] for first in _DESCRIPTION_BASE]
         self.even = EvenSplit(self.p)
         # control block on node rank 0 only, so all slots lie in one contiguous array
         self.control = _SharedWindow(node, 8 * _SLOT_WORDS * self.p if self.me == 0 else 0, contiguous=True)
@@ -179,16 +188,18 @@ class _NodeGroup:
         self.buffers: dict[int, _SharedWindow] = {}  # alloc_shared_buffer windows, by id
         self.next_buffer_id = 0
         self.plans: dict[tuple, _Plan] = {}
+        self.shapes: dict[tuple, _Shape] = {}
+        self.scratch_halves: dict[torch.dtype, tuple] = {}  # this rank's two scratch halves, per dtype
         self.accumulator: torch.Tensor | None = None  # private fp32 sums for half types
         self.accumulator_numpy: np.ndarray | None = None
-        self._windows = [self.control]
 
     # ---------------------------------------------------------------- synchronisation
     def _fence(self) -> None:
-        # Win.Sync is MPI's memory barrier for the unified model: our stores to shared memory
-        # become visible before the counter store, and peers' loads happen after seeing it
-        for window in self._windows:
-            window.win.Sync()
+        # Win.Sync is MPI's memory barrier for windows in the unified model (all of ours, checked
+        # at creation): our stores to shared memory become visible before the counter store, and
+        # our loads happen after seeing the peers' counters. One processor barrier covers every
+        # window, so only the control window is synced.
+        self.control.win.Sync()
 
     def arrive_and_wait(self) -> None:
         """Sync point: publish this rank's arrival, wait for every node peer to arrive too."""
@@ -218,32 +229,21 @@ class _NodeGroup:
                     time.sleep(SPIN_SLEEP_S)
         self._fence()
 
-    def publish(self, where: tuple[int, int], numel: int, dtype: torch.dtype, kind: int) -> None:
+    def publish(self, where: tuple[int, int], signature: int) -> None:
         """Describe this call (``self.calls`` parity picks the copy) for the peers to check and read."""
-        base = self.me * _SLOT_WORDS + _DESCRIPTION_BASE[self.calls & 1]
+        base = self.description_bases[self.calls & 1][self.me]
         slots = self.slots
         slots[base + _WINDOW], slots[base + _OFFSET] = where
-        slots[base + _NUMEL] = numel
-        slots[base + _DTYPE] = _DTYPE_CODES[dtype]
-        slots[base + _KIND] = kind
+        slots[base + _SIGNATURE] = signature
 
-    def read_inputs(self, numel: int, dtype: torch.dtype, kind: int) -> tuple[tuple[int, int], ...]:
+    def read_inputs(self, signature: int) -> tuple[tuple[int, int], ...]:
         """Every rank's published (window, offset); ValueError on every rank alike if calls differ."""
-        slots, expected = self.slots, (numel, _DTYPE_CODES[dtype], kind)
-        which = _DESCRIPTION_BASE[self.calls & 1]
-        inputs = []
-        for q in range(self.p):
-            base = q * _SLOT_WORDS + which
-            if (slots[base + _NUMEL], slots[base + _DTYPE], slots[base + _KIND]) != expected:
-                calls = "; ".join(
-                    f"node rank {r}: {_KIND_NAMES.get(slots[r * _SLOT_WORDS + which + _KIND], '?')} of "
-                    f"{slots[r * _SLOT_WORDS + which + _NUMEL]} x "
-                    f"{_DTYPE_NAMES.get(slots[r * _SLOT_WORDS + which + _DTYPE], '?')}"
-                    for r in range(self.p)
-                )
+        slots, bases = self.slots, self.description_bases[self.calls & 1]
+        for base in bases:
+            if slots[base + _SIGNATURE] != signature:
+                calls = "; ".join(f"node rank {q}: {_describe(slots[b + _SIGNATURE])}" for q, b in enumerate(bases))
                 raise ValueError(f"shm: the ranks of a node called different collectives ({calls})")
-            inputs.append((slots[base + _WINDOW], slots[base + _OFFSET]))
-        return tuple(inputs)
+        return tuple([(slots[base + _WINDOW], slots[base + _OFFSET]) for base in bases])
 
     # ---------------------------------------------------------------- memory
     def locate(self, buf: torch.Tensor) -> tuple[int, int] | None:
@@ -259,26 +259,32 @@ class _NodeGroup:
                 return window_id, (address - base) // buf.element_size()
         return None
 
-    def copy_in(self, local, n: int, dtype: torch.dtype, reduce: bool, lo: int, hi: int) -> tuple[int, int]:
-        """Copy what the peers will read into this call's scratch half; (_GROW, 0) if too small.
+    def copy_in(self, local, shape: _Shape) -> tuple[int, int]:
+        """Copy what the peers will read into this call's scratch half; ``_GROWING`` if too small.
 
-        Scratch halves alternate between calls: a peer may still copy results out of the half
-        of the previous call, but never out of the one before (it passed our sync 1 since).
+        Scratch halves alternate between calls: a peer may still read the half of the previous
+        call, but never the one before (it passed our sync 1 since).
         """
-        size = _ELEMENT_SIZES[dtype]
-        half = self.scratch.nbytes // 2 // size if self.scratch is not None else 0
-        if n > half:
-            return _GROW, 0
-        offset = (self.calls & 1) * half
-        segment = self.scratch.segment(self.me, dtype, dtype in _NUMPY_DTYPES)
-        if reduce:  # the peers read the slices they reduce: all but mine
+        n, dtype, lo, hi = shape.n, shape.dtype, shape.lo, shape.hi
+        halves = self.scratch_halves.get(dtype)
+        if halves is None:
+            if self.scratch is None:
+                return _GROWING
+            half = self.scratch.nbytes // 2 // _ELEMENT_SIZES[dtype]
+            segment = self.scratch.segment(self.me, dtype, dtype in _NUMPY_DTYPES)
+            halves = self.scratch_halves[dtype] = (segment[:half], segment[half : 2 * half])
+        parity = self.calls & 1
+        target = halves[parity]
+        if n > len(target):
+            return _GROWING
+        if shape.reduce:  # the peers read the slices they reduce: all but mine
             if lo > 0:
-                _copy(segment[offset : offset + lo], local[:lo])
+                _copy(target[:lo], local[:lo])
             if hi < n:
-                _copy(segment[offset + hi : offset + n], local[hi:])
+                _copy(target[hi:n], local[hi:])
         elif hi > lo:  # the peers gather my slice
-            _copy(segment[offset + lo : offset + hi], local[lo:hi])
-        return _SCRATCH, offset
+            _copy(target[lo:hi], local[lo:hi])
+        return _SCRATCH, parity * len(target)
 
     def grow_scratch(self, nbytes: int) -> None:
         """Collective: replace the scratch window by one with two halves of >= nbytes each."""
@@ -300,8 +306,8 @@ class _NodeGroup:
         self._changed()
 
     def _changed(self) -> None:
-        self.plans.clear()  # plans hold views of windows that may be gone
-        self._windows = self.windows()
+        self.plans.clear()  # plans and halves hold views of windows that may be gone
+        self.scratch_halves.clear()
 
     def accumulator_for(self, numel: int, as_numpy: bool):
         if self.accumulator is None or self.accumulator.numel() < numel:
@@ -318,7 +324,7 @@ class _NodeGroup:
             window.free()  # collective over the node
         self.buffers.clear()
         self.scratch = None
-        self.plans.clear()
+        self._changed()
 
     # ---------------------------------------------------------------- the collective
     def run(self, buf: torch.Tensor, kind: str, split, divisor: int, between=None) -> torch.Tensor:
@@ -329,36 +335,35 @@ class _NodeGroup:
         region (a CPU tensor view of ``buf``) before the peers read it: ``hier`` puts its
         inter-node allreduce there.
         """
-        reduce = kind != "allgather"
-        n, dtype, code = buf.numel(), buf.dtype, _KINDS[kind]
-        as_numpy = dtype in _NUMPY_DTYPES
-        local = buf.numpy() if as_numpy else buf
-        lo, hi = split.bounds(n)[self.me]
-        mine = self.locate(buf)
+        n, dtype = buf.numel(), buf.dtype
+        shape = self.shapes.get((kind, split, n, dtype))
+        if shape is None:
+            shape = self._shape(kind, split, n, dtype)
+        local = buf.numpy() if shape.as_numpy else buf
+        mine = self.locate(buf) if self.buffers else None
         self.calls += 1
         if mine is None:
-            mine = self.copy_in(local, n, dtype, reduce, lo, hi)
-        self.publish(mine, n, dtype, code)
+            mine = self.copy_in(local, shape)
+        self.publish(mine, shape.signature)
         self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
-        inputs = self.read_inputs(n, dtype, code)
-        if any(window == _GROW for window, _ in inputs):
+        inputs = self.read_inputs(shape.signature)
+        if _GROWING in inputs:
             # some scratch was too small; capacities are equal on all ranks, so all grow together
             self.grow_scratch(n * _ELEMENT_SIZES[dtype])
-            if mine[0] == _GROW:
-                mine = self.copy_in(local, n, dtype, reduce, lo, hi)
-            self.publish(mine, n, dtype, code)
+            if mine == _GROWING:
+                mine = self.copy_in(local, shape)
+            self.publish(mine, shape.signature)
             self.arrive_and_wait()  # sync 1 again, now with every input in place
-            inputs = self.read_inputs(n, dtype, code)
-        plan = self.plans.get((kind, split, n, dtype, inputs))
+            inputs = self.read_inputs(shape.signature)
+        plan = self.plans.get((shape, inputs))
         if plan is None:
-            plan = self._plan(kind, split, n, dtype, inputs)
-
-        if reduce:
-            own = local[lo:hi]
+            plan = self._plan(shape, inputs)
+        if shape.reduce:
+            own = local[shape.lo : shape.hi]
             # my region, summed into buf itself (and into shared memory for the peers to read)
-            self._reduce(own, plan.sources, divisor, dtype, None if between else plan.publish)
+            self._reduce(own, plan.sources, divisor, shape.wide, None if between else plan.publish)
             if between is not None:
-                between(torch.from_numpy(own) if as_numpy else own)
+                between(torch.from_numpy(own) if shape.as_numpy else own)
                 if plan.publish is not None:
                     _copy(plan.publish, own)
             if plan.sync_after_reduce:
@@ -369,38 +374,53 @@ class _NodeGroup:
             self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
         return buf
 
-    def _plan(self, kind: str, split, n: int, dtype: torch.dtype, inputs) -> _Plan:
-        reduce, gather = kind != "allgather", kind != "reduce_scatter"
-        as_numpy = dtype in _NUMPY_DTYPES
-        bounds = split.bounds(n)
+    def _shape(self, kind: str, split, n: int, dtype: torch.dtype) -> _Shape:
+        shape = _Shape()
+        shape.n, shape.dtype = n, dtype
+        shape.signature = (n << 8) | (_DTYPE_CODES[dtype] << 4) | _KINDS[kind]
+        shape.lo, shape.hi = split.bounds(n)[self.me]
+        shape.bounds = split.bounds(n)
+        shape.reduce, shape.gather = kind != "allgather", kind != "reduce_scatter"
+        shape.as_numpy = dtype in _NUMPY_DTYPES
+        shape.wide = dtype in (torch.float16, torch.bfloat16)
+        if len(self.shapes) >= _CACHE_ENTRIES:
+            self.shapes.clear()
+        self.shapes[(kind, split, n, dtype)] = shape
+        return shape
+
+    def _plan(self, shape: _Shape, inputs) -> _Plan:
+        n, lo, hi, bounds = shape.n, shape.lo, shape.hi, shape.bounds
         data = []
         for q, (window_id, offset) in enumerate(inputs):
             window = self.scratch if window_id == _SCRATCH else self.buffers[window_id]
-            data.append(window.segment(q, dtype, as_numpy)[offset : offset + n])
+            data.append(window.segment(q, shape.dtype, shape.as_numpy)[offset : offset + n])
         plan = _Plan()
-        plan.lo, plan.hi = lo, hi = bounds[self.me]
-        plan.sources = [data[q][lo:hi] for q in self.peers] if reduce else []
+        plan.sources = [data[q][lo:hi] for q in self.peers] if shape.reduce else []
         private = inputs[self.me][0] == _SCRATCH
-        plan.publish = data[self.me][lo:hi] if reduce and gather and private else None
+        plan.publish = data[self.me][lo:hi] if shape.reduce and shape.gather and private else None
         plan.gather_from = [(bounds[q][0], bounds[q][1], data[q][bounds[q][0] : bounds[q][1]])
-                            for q in self.peers if gather and bounds[q][1] > bounds[q][0]]
+                            for q in self.peers if shape.gather and bounds[q][1] > bounds[q][0]]
         any_shared = any(window_id != _SCRATCH for window_id, _ in inputs)
-        plan.sync_after_reduce = reduce and (gather or any_shared)
-        plan.sync_after_gather = gather and any_shared
+        plan.sync_after_reduce = shape.reduce and (shape.gather or any_shared)
+        plan.sync_after_gather = shape.gather and any_shared
         if len(self.plans) >= _CACHE_ENTRIES:
             self.plans.clear()
-        self.plans[(kind, split, n, dtype, inputs)] = plan
+        self.plans[(shape, inputs)] = plan
         return plan
 
-    def _reduce(self, own, sources, divisor: int, dtype: torch.dtype, publish) -> None:
+    def _reduce(self, own, sources, divisor: int, wide: bool, publish) -> None:
         """own = (own + sum(sources)) / divisor, block by block so each block is summed, divided
         (and copied to ``publish``) while it is in cache; fp32 sums for float16 and bfloat16."""
         m = len(own)
         if m == 0:
             return
-        wide = dtype in (torch.float16, torch.bfloat16)
+        if m <= REDUCE_BLOCK and not wide:  # one block: skip the slicing (small calls are overhead-bound)
+            _sum_into(own, [own, *sources], divisor)
+            if publish is not None:
+                _copy(publish, own)
+            return
         block = min(m, REDUCE_BLOCK)
-        accumulator = self.accumulator_for(block, dtype in _NUMPY_DTYPES) if wide else None
+        accumulator = self.accumulator_for(block, isinstance(own, np.ndarray)) if wide else None
         for start in range(0, m, block):
             stop = min(start + block, m)
             mine = own[start:stop]
@@ -415,6 +435,12 @@ class _NodeGroup:
                 _copy(publish[start:stop], mine)
 
 
+def _describe(signature: int) -> str:
+    kind = _KIND_NAMES.get(signature & 15, "?")
+    dtype = _DTYPE_NAMES.get((signature >> 4) & 15, "?")
+    return f"{kind} of {signature >> 8} x {dtype}"
+
+
 def _oversubscribed() -> bool:
     """More of this job's ranks on this machine than cores we may run on (launcher's env vars)."""
     for variable in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
@@ -426,7 +452,7 @@ def _oversubscribed() -> bool:
 
 def _copy(dst, src) -> None:
     if isinstance(dst, np.ndarray):
-        np.copyto(dst, src, casting="same_kind")
+        np.copyto(dst, src)  # casting "same_kind": float32 accumulator -> float16 is allowed
     else:
         dst.copy_(src)
 
@@ -471,6 +497,7 @@ def _free_windows_at_exit() -> None:
     for group in _groups.values():
         group.free_all()
     _groups.clear()
+    _single_node.clear()
 
 
 def live_windows() -> int:
@@ -478,15 +505,26 @@ def live_windows() -> int:
     return sum(len(group.windows()) for group in _groups.values())
 
 
-def _node_of(comm: MPI.Comm | None, algorithm: str = "shm") -> tuple[MPI.Comm, MPI.Comm]:
+_single_node: dict[tuple, tuple] = {}
+
+
+def _node_of(comm: MPI.Comm | None) -> tuple[MPI.Comm, _NodeGroup | None]:
+    """``comm``'s node communicator and its group (None for one rank); ValueError if multi-node.
+
+    Cached per (communicator, ``MPILM_RANKS_PER_NODE``), the hot path of every call.
+    """
     comm = comm or world.WORLD
-    node = world.node_comm(comm)
-    if node.Get_size() != comm.Get_size():
-        raise ValueError(
-            f"{algorithm}: the communicator spans several nodes ({comm.Get_size()} ranks, "
-            f"{node.Get_size()} on this node); use algorithm 'hier' for multi-node allreduce"
-        )
-    return comm, node
+    key = (comm.py2f(), os.environ.get("MPILM_RANKS_PER_NODE"))
+    known = _single_node.get(key)
+    if known is None:
+        node = world.node_comm(comm)
+        if node.Get_size() != comm.Get_size():
+            raise ValueError(
+                f"shm: the communicator spans several nodes ({comm.Get_size()} ranks, "
+                f"{node.Get_size()} on this node); use algorithm 'hier' for multi-node allreduce"
+            )
+        known = _single_node[key] = (node, _group(node) if node.Get_size() > 1 else None)
+    return known
 
 
 def _check(buf: torch.Tensor, op: str, algorithm: str = "shm") -> None:
@@ -513,12 +551,10 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") 
     _check(buf, op)
     if buf.is_cuda:
         return _on_device(buf, comm, op)
-    comm, node = _node_of(comm)
-    p = node.Get_size()
-    if p == 1 or buf.numel() == 0:
-        return buf.div_(p) if op == "avg" and p > 1 else buf
-    group = _group(node)
-    return group.run(buf, "allreduce", group.even, p if op == "avg" else 1)
+    node, group = _node_of(comm)
+    if group is None or buf.numel() == 0:
+        return buf.div_(group.p) if op == "avg" and group is not None else buf
+    return group.run(buf, "allreduce", group.even, group.p if op == "avg" else 1)
 
 
 def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
@@ -529,11 +565,10 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     _check(buf, op)
     if buf.is_cuda:
         raise ValueError("shm.reduce_scatter: CUDA tensors are not supported (use collectives.reduce_scatter)")
-    comm, node = _node_of(comm)
+    node, group = _node_of(comm)
     p, me = node.Get_size(), node.Get_rank()
     lo, hi = shard_bounds(buf.numel(), p, me)
-    if p > 1 and buf.numel() > 0:
-        group = _group(node)
+    if group is not None and buf.numel() > 0:
         group.run(buf, "reduce_scatter", group.even, p if op == "avg" else 1)
     return buf[lo:hi]
 
@@ -543,10 +578,8 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
     _check(buf, "sum")
     if buf.is_cuda:
         raise ValueError("shm.allgather: CUDA tensors are not supported (use collectives.allgather)")
-    comm, node = _node_of(comm)
-    p = node.Get_size()
-    if p > 1 and buf.numel() > 0:
-        group = _group(node)
+    node, group = _node_of(comm)
+    if group is not None and buf.numel() > 0:
         group.run(buf, "allgather", group.even, 1)
     return buf
 
