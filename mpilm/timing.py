@@ -15,7 +15,9 @@
   which every rank stamps events with its own ``perf_counter`` offset from that moment, so the
   skew between ranks is the Barrier's exit skew (microseconds on one node; more across nodes,
   and clock drift adds to it on long traces). Communication code reports per-bucket events
-  through ``traced(...)``, which costs one global lookup when no tracer is active.
+  through ``traced(...)``, which costs one global lookup when no tracer is active; the
+  compressors' arithmetic, carved out of the comm phase (``PhaseTimer.carve``), lands on the
+  compression track with the args of the bucket it belongs to.
 - ``run_metrics``: the end-of-run figures (tokens/s, model FLOP/s, MFU from a table of bf16 dense
   peaks, bytes per step, bus bandwidth, comm/compute ratio) from per-step means.
 
@@ -37,6 +39,7 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +59,7 @@ class PhaseTimer:
         self.steps: list[dict] = []  # one dict per finished step: phase -> seconds, plus "step", "total"
         self.phase_names: list[str] = list(PHASES)  # names timed by phase(); others came from add()
         self._current: dict = defaultdict(float)
-        self._pending: list[tuple] = []  # CUDA events not yet resolved
+        self._pending: list[_Pending] = []  # CUDA events not yet resolved
         self._step_start = None
         self._step = None
         self._traffic_start = (0, 0)
@@ -88,36 +91,31 @@ class PhaseTimer:
         self.steps.append(record)
         return record
 
-    @contextmanager
     def phase(self, name: str):
-        if name not in self.phase_names:
-            self.phase_names.append(name)
-        traced_step = self._step if self.tracer is not None and self.tracer.recording else None
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self._pending.append((self._current, name, start, end, traced_step))
-        else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                t1 = time.perf_counter()
-                self._current[name] += t1 - t0
-                if traced_step is not None:
-                    self.tracer.add(phase_track(name), name, t0, t1, traced_step)
+        """``with timer.phase("forward"):`` times the block as ``name``."""
+        trace = (phase_track(name), {}) if self.tracer is not None and self.tracer.recording else None
+        return self._timed(name, None, trace)
 
-    @contextmanager
     def carve(self, name: str, parent: str):
         """A sub-phase inside the open phase ``parent``: its time counts as ``name``, not ``parent``.
 
         The compressors use it for their own arithmetic (select, pack, accumulate, cast) inside
         the exposed ``comm`` phase, so ``compress`` and ``comm`` stay disjoint and still add up.
+        Traced on the "compression" track with the args (bucket, bytes, algorithm) of the
+        enclosing ``traced`` span, i.e. of the bucket being reduced.
         """
+        trace = None
+        if self.tracer is not None and self.tracer.recording:
+            trace = ("compression", self.tracer.open_args())
+        return self._timed(name, parent, trace)
+
+    @contextmanager
+    def _timed(self, name: str, parent: str | None, trace: tuple | None):
+        """Time the block as ``name`` (and, when carving, take the same time off ``parent``);
+        ``trace`` = (track, args) records it on the tracer too."""
+        if name not in self.phase_names:
+            self.phase_names.append(name)
+        step = self._step
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -125,9 +123,7 @@ class PhaseTimer:
                 yield
             finally:
                 end.record()
-                traced_step = self._step if self.tracer is not None and self.tracer.recording else None
-                self._pending.append((self._current, name, start, end, traced_step))
-                self._pending.append((self._current, parent, start, end, None, -1.0))
+                self._pending.append(_Pending(self._current, name, parent, start, end, step, trace))
         else:
             t0 = time.perf_counter()
             try:
@@ -135,9 +131,10 @@ class PhaseTimer:
             finally:
                 t1 = time.perf_counter()
                 self._current[name] += t1 - t0
-                self._current[parent] -= t1 - t0
-                if self.tracer is not None and self.tracer.recording:
-                    self.tracer.add(phase_track(name), name, t0, t1, self._step)
+                if parent is not None:
+                    self._current[parent] -= t1 - t0
+                if trace is not None:
+                    self.tracer.add(trace[0], name, t0, t1, step, **trace[1])
 
     def add(self, name: str, seconds: float) -> None:
         """Credit time measured elsewhere (e.g. ``comm_total`` from the communication code)."""
@@ -147,12 +144,15 @@ class PhaseTimer:
         """Resolve CUDA event pairs into seconds. Syncs the device once; call only at log steps."""
         if not self._pending:
             return
-        self._pending[-1][3].synchronize()  # device sync: waits for the last recorded phase
-        for target, name, start, end, traced_step, *sign in self._pending:
-            target[name] = target.get(name, 0.0) + (sign[0] if sign else 1.0) * start.elapsed_time(end) / 1e3
-            if traced_step is not None:
-                t0 = self._device_to_host(start)
-                self.tracer.add(phase_track(name), name, t0, t0 + start.elapsed_time(end) / 1e3, traced_step)
+        self._pending[-1].end.synchronize()  # device sync: waits for the last recorded phase
+        for p in self._pending:
+            seconds = p.start.elapsed_time(p.end) / 1e3
+            p.record[p.name] = p.record.get(p.name, 0.0) + seconds
+            if p.parent is not None:
+                p.record[p.parent] = p.record.get(p.parent, 0.0) - seconds
+            if p.trace is not None:
+                t0 = self._device_to_host(p.start)
+                self.tracer.add(p.trace[0], p.name, t0, t0 + seconds, p.step, **p.trace[1])
         self._pending.clear()
 
     def _device_to_host(self, event) -> float:
@@ -211,6 +211,19 @@ class PhaseTimer:
         }
 
 
+@dataclass
+class _Pending:
+    """A CUDA-timed block waiting for ``flush``: where its seconds go, and its trace event."""
+
+    record: dict  # the step record (the working dict, which becomes the record at end_step)
+    name: str
+    parent: str | None  # carve: the phase the same seconds are taken off
+    start: object  # torch.cuda.Event pair
+    end: object
+    step: int
+    trace: tuple | None  # (track, args) when the step is traced
+
+
 def _cuda_anchor() -> tuple:
     """A CUDA event that ran at a known host time: maps device event times onto ``perf_counter``."""
     torch.cuda.synchronize()  # device sync, once per traced run: the queue is empty
@@ -267,11 +280,14 @@ class _Span:
         self.tracer, self.track, self.name, self.args = tracer, track, name, args
 
     def __enter__(self):
+        self.tracer._open.append(self.args)
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.tracer.span(self.track, self.name, self.t0, time.perf_counter(), **self.args)
+        t1 = time.perf_counter()
+        self.tracer._open.pop()
+        self.tracer.span(self.track, self.name, self.t0, t1, **self.args)
         return False
 
 
@@ -310,6 +326,11 @@ class Tracer:
         self.origin = time.perf_counter()
         self.recording = False
         self.step = None
+        self._open: list[dict] = []  # args of the ``traced`` spans now open, innermost last
+
+    def open_args(self) -> dict:
+        """The args of the innermost open ``traced`` span (e.g. the bucket being reduced), or {}."""
+        return dict(self._open[-1]) if self._open else {}
 
     def start(self, comm, path: str) -> None:
         """Collective: check ``path`` is writable (rank 0), align clocks, become the active tracer.

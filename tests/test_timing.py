@@ -111,6 +111,30 @@ def test_trace_records_only_the_first_steps_in_chrome_format(tmp_path):
     assert ("process_name", "rank 0") in names and ("thread_name", "communication") in names
 
 
+def test_carved_compress_time_leaves_comm_and_is_traced_with_its_bucket(tmp_path):
+    tracer = timing.Tracer(rank=0, max_steps=1)
+    tracer.start(MPI.COMM_SELF, str(tmp_path / "trace.json"))
+    timer = timing.PhaseTimer("cpu", tracer=tracer)
+    timer.begin_step(0)
+    with timer.phase("comm"):
+        with timing.traced("communication", "allreduce b2", bucket=2, bytes=400, algorithm="compressed"):
+            with timer.carve("compress", "comm"):
+                time.sleep(0.003)
+            time.sleep(0.001)
+    record = timer.end_step()
+    assert record["compress"] >= 0.003 and record["comm"] >= 0.0009
+    tracer.finish(MPI.COMM_SELF, str(tmp_path / "trace.json"))
+    events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    carved = next(e for e in events if e["name"] == "compress")
+    assert carved["tid"] == timing.TRACKS.index("compression")
+    assert carved["args"] == {"step": 0, "bucket": 2, "bytes": 400, "algorithm": "compressed"}
+    bucket = next(e for e in events if e["name"] == "allreduce b2")
+    assert bucket["ts"] <= carved["ts"] and carved["ts"] + carved["dur"] <= bucket["ts"] + bucket["dur"] + 1
+    # the comm phase's span is exactly split between what stays "comm" and what was carved out
+    whole = next(e for e in events if e["name"] == "comm")["dur"] / 1e6
+    assert record["comm"] + record["compress"] == pytest.approx(whole, abs=1e-5)
+
+
 def test_trace_path_that_cannot_be_written_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
