@@ -135,6 +135,49 @@ def test_carved_compress_time_leaves_comm_and_is_traced_with_its_bucket(tmp_path
     assert record["comm"] + record["compress"] == pytest.approx(whole, abs=1e-5)
 
 
+class FakeCudaEvent:
+    """Stands in for torch.cuda.Event on machines without a GPU: 'device' time is host time."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, later):
+        return (later.t - self.t) * 1e3  # milliseconds, like CUDA
+
+
+def test_cuda_path_resolves_events_only_at_flush_and_maps_them_onto_the_host_clock(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    tracer = timing.Tracer(rank=0, max_steps=1)
+    tracer.start(MPI.COMM_SELF, str(tmp_path / "trace.json"))
+    timer = timing.PhaseTimer("cuda", tracer=tracer)
+    assert timer.cuda
+    timer.begin_step(0)
+    with timer.phase("forward"):
+        time.sleep(0.002)
+    with timer.phase("comm"), timing.traced("communication", "allreduce b0", bucket=0, bytes=8, algorithm="ring"):
+        with timer.carve("compress", "comm"):
+            time.sleep(0.002)
+    record = timer.end_step()
+    assert "forward" not in record and len(timer._pending) == 3  # nothing resolved before a flush
+    timer.flush()
+    assert record["forward"] >= 0.002 and record["compress"] >= 0.002
+    assert 0 <= record["comm"] < record["compress"]
+    tracer.finish(MPI.COMM_SELF, str(tmp_path / "trace.json"))
+    events = {e["name"]: e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"}
+    step = events["step 0"]
+    for name in ("forward", "comm", "compress"):
+        assert step["ts"] - 1 <= events[name]["ts"] <= step["ts"] + step["dur"], name
+    assert events["compress"]["args"]["bucket"] == 0 and events["compress"]["cat"] == "compression"
+    assert events["forward"]["dur"] == pytest.approx(record["forward"] * 1e6, abs=1)
+
+
 def test_trace_path_that_cannot_be_written_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
