@@ -8,24 +8,32 @@ How one call works, for the p ranks of one node (``world.node_comm(comm)``; fake
    in a shared window: see ``alloc_shared_buffer``); it describes the call (kind, length, dtype,
    where its input lies) in a small shared *control block* and arrives at sync 1. A mismatch
    between ranks' calls raises ValueError on every rank instead of corrupting data or hanging;
-2. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory: plain
-   loads from their segments, summed into its own segment (fp32 accumulation for float16 and
-   bfloat16), divided by p for ``avg``; arrives at sync 2;
-3. every rank copies the p-1 reduced slices of its peers back into its buffer (and its own, if
-   its buffer is private). When some rank's buffer is a shared buffer, which its owner may write
-   again as soon as the call returns, a sync 3 holds everyone until all peers have read it.
-So a call costs two syncs (one for each half, ``reduce_scatter`` and ``allgather``): the scratch
-window has two halves used by alternate calls, so a rank may start copying in call k+1 while a
-slow peer still copies results out of call k (it can never be two calls behind: it would not
-have passed sync 1 of call k+1).
+2. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory (plain
+   loads from their segments) into its own buffer, block by block: sum (fp32 accumulation for
+   float16 and bfloat16), divide by p for ``avg`` and, for a private buffer, copy the block to
+   its scratch segment for the peers, all while the block is in cache; arrives at sync 2;
+3. every rank copies the p-1 reduced slices of its peers into its buffer. When some rank's
+   buffer is a shared buffer, which its owner may write again as soon as the call returns, a
+   sync 3 holds everyone until all peers have read it.
+So a call costs two syncs (``reduce_scatter`` and ``allgather`` one each): the scratch window
+has two halves used by alternate calls, so a rank may start copying in call k+1 while a slow
+peer still copies results out of call k (it can never be two calls behind: it would not have
+passed sync 1 of call k+1).
 
 Synchronisation uses the window's own primitives: all windows stay in one ``Lock_all`` passive
 epoch, every sync is ``Win.Sync`` (a memory barrier) + an arrival counter in the shared control
 block + ``Win.Sync``, and a rank waits by polling its peers' counters: busy-polling like MPI
 libraries do (handing the GIL to other threads every few microseconds), then yielding the core,
 then sleeping; only briefly busy when the machine runs more of our ranks than it has cores.
-That is several times cheaper than ``MPI_Barrier`` here (about 1-2 us against 9 us), which is
-what lets ``shm`` beat the library's allreduce from 64 KiB up.
+A sync costs about 1.5 us here against 4-9 us for ``MPI_Barrier``.
+
+Measured (2 ranks, float32, ``python -m mpilm.bench allreduce``, time ratio against MPICH's
+allreduce; ``docs/figures/allreduce-shm-np2*``): with the caller's private buffer, copied in,
+0.86x at 64 KiB, 1.1-1.2x from 256 KiB to 4 MiB, at par at 16 MiB and 1.8-2.1x from 64 MiB: the
+copy in and the publishing copy cost memory bandwidth that MPICH's single-copy point-to-point
+path does not spend. With the buffer from ``alloc_shared_buffer`` (nothing copied in or
+published) 1.05x at 64 KiB, 1.4x at 256 KiB, 1.9x at 1-4 MiB and 2.5-4x from 16 MiB. About 10 us
+of every call is Python, which is what keeps the smallest sizes at par.
 
 Windows are collective objects, cached per node communicator; the scratch window (2 x the
 largest buffer seen) is reused by every call and replaced by one twice as large (the old one
@@ -107,6 +115,7 @@ class _SharedWindow:
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's whole life
         self.nbytes = nbytes
         self._memory = [self.win.Shared_query(q)[0] for q in range(node.Get_size())]
+        self._addresses = [MPI.Get_address(memory) for memory in self._memory]
         self._views: dict = {}
 
     def segment(self, q: int, dtype: torch.dtype, as_numpy: bool):
@@ -123,7 +132,7 @@ class _SharedWindow:
         return view
 
     def base_address(self, q: int) -> int:
-        return MPI.Get_address(self._memory[q])
+        return self._addresses[q]
 
     def free(self) -> None:
         """Collective over the node. Views handed out before must not be used afterwards."""
@@ -339,11 +348,13 @@ class _NodeGroup:
         shape = self.shapes.get((kind, split, n, dtype))
         if shape is None:
             shape = self._shape(kind, split, n, dtype)
-        local = buf.numpy() if shape.as_numpy else buf
         mine = self.locate(buf) if self.buffers else None
         self.calls += 1
         if mine is None:
+            local = buf.numpy() if shape.as_numpy else buf
             mine = self.copy_in(local, shape)
+        else:  # a view of my segment, already at hand (cheaper than buf.numpy())
+            local = self.buffers[mine[0]].segment(self.me, dtype, shape.as_numpy)[mine[1] : mine[1] + n]
         self.publish(mine, shape.signature)
         self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
         inputs = self.read_inputs(shape.signature)
