@@ -142,7 +142,7 @@ class _SharedWindow:
         self.win.Free()  # collective: returns once every node rank has let go of the window
 
 
-class EvenSplit:
+class _EvenSplit:
     """Node rank q owns ``shard_bounds(n, p, q)``: the split of ``shm`` and its halves."""
 
     def __init__(self, p: int):
@@ -180,7 +180,7 @@ class _NodeGroup:
         self.p = node.Get_size()
         self.peers = [q for q in range(self.p) if q != self.me]
         self.description_bases = [[q * _SLOT_WORDS + first for q in range(self.p)] for first in _DESCRIPTION_BASE]
-        self.even = EvenSplit(self.p)
+        self.even = _EvenSplit(self.p)
         # control block on node rank 0 only, so all slots lie in one contiguous array
         self.control = _SharedWindow(node, 8 * _SLOT_WORDS * self.p if self.me == 0 else 0, contiguous=True)
         self.slots = memoryview(self.control._memory[0]).cast("B").cast("q")
