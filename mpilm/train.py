@@ -105,7 +105,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     model = models.build(cfg.model, vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout).to(device)
     broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
-    grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device)  # SYNC: map check
+    # gradients in node shared memory when an algorithm may read peers' memory directly
+    grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device,
+                       shared_memory=cfg.allreduce in ("shm", "hier", "auto"))  # SYNC: map check
     # with DGC momentum correction the compressor applies the momentum: SGD must not apply it twice
     optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
                             0.0 if cfg.momentum_correction else cfg.momentum)

@@ -159,3 +159,22 @@ def test_compression_in_training_counts_the_bytes_it_saves(tmp_path_factory):
     for name, summary in runs.items():
         assert summary["final_val_loss"] < summary["initial_val_loss"], name
         assert summary["phases"]["compress"]["mean"] > 0 or name == "none", name
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shared_memory_gradients_are_views_and_average_correctly():
+    from mpilm.comm import shm
+
+    comm = MPI.COMM_WORLD
+    before = shm.live_windows()
+    model = tiny_gpt()
+    grads = GradBuffer(model.named_parameters(), 4096, comm, shared_memory=True)
+    assert shm.live_windows() > before, "the flat buffer lives in a shared window"
+    flat = grads.flat[torch.float32]
+    for p in model.parameters():
+        assert flat.data_ptr() <= p.grad.data_ptr() < flat.data_ptr() + flat.numel() * 4
+    for algorithm in ("shm", "hier", "ring", "auto"):
+        flat.copy_(torch.arange(flat.numel(), dtype=torch.float32) * (comm.rank + 1))
+        grads.sync(algorithm=algorithm)
+        expected = torch.arange(flat.numel(), dtype=torch.float32) * (comm.size + 1) / 2
+        torch.testing.assert_close(flat, expected, msg=algorithm)

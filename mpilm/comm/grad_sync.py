@@ -9,6 +9,11 @@ The bucket map depends only on the parameter shapes and ``bucket_bytes``; it is 
 identical on every rank at start (a mismatch means ranks built different models, and would
 otherwise corrupt gradients silently or hang).
 
+With ``shared_memory=True`` (CPU only) the flat buffers are allocated in an MPI-3 shared-memory
+window (``shm.alloc_shared_buffer``), so the ``shm`` and ``hier`` allreduces read every peer's
+gradients where backward wrote them, with no copy into shared memory first; other algorithms
+treat the buffer as ordinary memory.
+
 Limits: the optimizer must zero gradients through ``GradBuffer.zero_()`` (or
 ``zero_grad(set_to_none=False)``): ``set_to_none=True`` would detach the views. Buckets are
 reduced one after another after backward (overlap with backward is not done here).
@@ -24,7 +29,7 @@ import torch
 from mpi4py import MPI
 
 from mpilm import timing
-from mpilm.comm import collectives, world
+from mpilm.comm import collectives, shm, world
 
 
 @dataclass
@@ -42,7 +47,8 @@ class Bucket:
 
 
 class GradBuffer:
-    def __init__(self, named_params, bucket_bytes: float, comm: MPI.Comm, device: torch.device | str = "cpu"):
+    def __init__(self, named_params, bucket_bytes: float, comm: MPI.Comm, device: torch.device | str = "cpu",
+                 shared_memory: bool = False):
         self.comm = comm
         params = [(n, p) for n, p in named_params if p.requires_grad]
         if not params:
@@ -56,7 +62,12 @@ class GradBuffer:
         for dtype in dtypes:
             group = [(n, p) for n, p in reversed(params) if p.dtype == dtype]  # gradient-ready order
             total = sum(p.numel() for _, p in group)
-            flat = torch.zeros(total, dtype=dtype, device=device)
+            if shared_memory and torch.device(device).type == "cpu" and dtype in shm.SUPPORTED_DTYPES:
+                # collective over the node: peers' shm reductions read these gradients in place
+                flat = shm.alloc_shared_buffer(total, dtype, comm)
+                flat.zero_()
+            else:
+                flat = torch.zeros(total, dtype=dtype, device=device)
             self.flat[dtype] = flat
             offset, bucket = 0, None
             for name, p in group:
