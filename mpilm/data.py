@@ -33,7 +33,6 @@ import torch
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
-from mpilm.comm import world
 from mpilm.errors import UsageError
 
 MAGIC = b"MPILMTOK"

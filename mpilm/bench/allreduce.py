@@ -20,7 +20,6 @@ so a broken algorithm cannot post a fast number.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import statistics
@@ -33,6 +32,7 @@ from mpi4py import MPI
 
 from mpilm.comm import collectives, ring, tuning, world
 from mpilm.errors import UsageError
+from mpilm.bench import parse_algorithms, pyplot
 
 DESCRIPTION = "allreduce bandwidth/latency sweep of every algorithm vs MPI_Allreduce (nccl-tests style)"
 
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factor", type=float, default=4, help="size step (default %(default)s)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default %(default)s)")
     parser.add_argument("--iters", type=int, default=RECOMMENDED_ITERS,
-                        help=f"timed iterations per point (default %(default)s; fewer only for smoke tests)")
+                        help="timed iterations per point (default %(default)s; fewer only for smoke tests)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per algorithm and size (default %(default)s)")
     parser.add_argument("--segment-bytes", default=None,
                         help="ring/rhd message segment size, K/M suffixes (default: mpilm.comm.ring.SEGMENT_BYTES)")
@@ -85,16 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _validated(args) -> dict:
     """Everything checked on replicated values, so every rank raises the same UsageError."""
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not algorithms:
-        raise UsageError("--algorithms: empty list; name at least one of " + ",".join(collectives.ALGORITHMS))
-    for name in algorithms:
-        if name not in collectives.ALGORITHMS:
-            raise UsageError(f"--algorithms {name}: unknown; choose from {','.join(collectives.ALGORITHMS)}")
-        if name not in ("mpi", "auto") and importlib.util.find_spec(f"mpilm.comm.{name}") is None:
-            raise UsageError(f"--algorithms {name}: mpilm/comm/{name}.py is not part of this checkout")
-    if len(set(algorithms)) != len(algorithms):
-        raise UsageError(f"--algorithms {args.algorithms}: an algorithm is listed twice")
+    algorithms = parse_algorithms(args.algorithms)
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[args.dtype]
@@ -197,10 +188,7 @@ def _table_row(row: dict) -> str:
 
 
 def _plot(path: str, rows: list[dict], memcpy: dict[int, float], p: int, dtype: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in dict.fromkeys(row["algorithm"] for row in rows):

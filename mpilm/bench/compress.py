@@ -33,6 +33,7 @@ import torch
 
 from mpilm import kernels
 from mpilm.errors import UsageError
+from mpilm.bench import pyplot
 
 DESCRIPTION = "top-k selection and sparse accumulation kernels vs torch"
 
@@ -156,10 +157,7 @@ def _table(rows: list[dict], header: str) -> str:
 
 
 def _plot(path: str, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = [r["elements"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))

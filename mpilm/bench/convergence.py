@@ -26,6 +26,7 @@ from mpi4py import MPI
 
 from mpilm import train
 from mpilm.errors import UsageError
+from mpilm.bench import pyplot
 
 DESCRIPTION = "final loss and bytes moved for each gradient compressor"
 
@@ -100,10 +101,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(path: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:

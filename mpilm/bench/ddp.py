@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import socket
 import time
@@ -42,11 +41,12 @@ import torch
 from mpi4py import MPI
 
 from mpilm import config, data, models, optim
-from mpilm.comm import collectives, world
+from mpilm.comm import world
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
 from mpilm.errors import UsageError
 from mpilm.timing import PhaseTimer
 from mpilm.train import train_step
+from mpilm.bench import parse_algorithms, pyplot
 
 DESCRIPTION = "mpilm vs torch DistributedDataParallel on the same model and data"
 
@@ -201,16 +201,7 @@ def _validated(args) -> tuple[config.TrainConfig, list[str]]:
         raise UsageError(f"--dropout {cfg.dropout}: the ddp bench compares losses step by step; use --dropout 0")
     if cfg.grad_accum != 1:
         raise UsageError(f"--grad-accum {cfg.grad_accum}: the ddp bench runs --grad-accum 1 (DDP would allreduce every micro-step)")
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not algorithms:
-        raise UsageError("--algorithms: empty list; name at least one of " + ",".join(collectives.ALGORITHMS))
-    for name in algorithms:
-        if name not in collectives.ALGORITHMS:
-            raise UsageError(f"--algorithms {name}: unknown; choose from {','.join(collectives.ALGORITHMS)}")
-        if name not in ("mpi", "auto") and importlib.util.find_spec(f"mpilm.comm.{name}") is None:
-            raise UsageError(f"--algorithms {name}: mpilm/comm/{name}.py is not part of this checkout")
-    if len(set(algorithms)) != len(algorithms):
-        raise UsageError(f"--algorithms {args.algorithms}: an algorithm is listed twice")
+    algorithms = parse_algorithms(args.algorithms)
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
     if args.warmup >= cfg.steps:
@@ -259,10 +250,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def _plot(path: str, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["runner"] for r in rows]
     x = list(range(len(rows)))

@@ -48,6 +48,7 @@ import numpy as np
 
 from mpilm.bench.allreduce import parse_bytes
 from mpilm.errors import UsageError
+from mpilm.bench import pyplot
 
 DESCRIPTION = "alpha-beta cost model fitted to this machine; predicted scaling"
 
@@ -282,10 +283,7 @@ def _wins(predictions: list[dict], key: str = "best", label: str = "") -> list[s
 
 
 def _plot(path: str, predictions: list[dict], validation: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if validation else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)

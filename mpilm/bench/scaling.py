@@ -43,6 +43,7 @@ from pathlib import Path
 from mpilm import config
 from mpilm.comm import world
 from mpilm.errors import UsageError
+from mpilm.bench import pyplot
 
 DESCRIPTION = "throughput, speed-up and efficiency vs number of ranks"
 
@@ -193,10 +194,7 @@ def format_rows(rows: list[dict], mode: str) -> str:
 
 
 def plot(path: str, rows: list[dict], mode: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ns = [r["world_size"] for r in rows]
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5))
