@@ -1,9 +1,10 @@
 """``python -m mpilm.bench allreduce``: latency/bandwidth sweep of every Allreduce algorithm vs MPI.
 
 For each message size (``--min-bytes`` to ``--max-bytes`` by ``--factor``) every algorithm runs
-``--warmup`` untimed calls, then ``--iters`` timed calls interleaved round-robin with the other
-algorithms (so they all see the same machine noise). Each timed call starts after a Barrier; its
-time is the slowest rank's, and a point is the median over iterations. The table follows
+``--warmup`` untimed calls, then ``--iters`` timed rounds; each round runs every algorithm once,
+in a shuffled order (so they all see the same machine noise and none always follows the same
+one). Each timed call starts after a Barrier; its time is the slowest rank's, and a point is
+the median over rounds. The table follows
 nccl-tests: algbw = bytes / time, busbw = algbw x 2(p-1)/p (the per-rank link traffic of a
 bandwidth-optimal allreduce, comparable across world sizes), and ``vs mpi`` = mpi's time / this
 time (> 1: faster than the MPI library). Only rank 0 prints.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 import time
@@ -148,9 +150,11 @@ def _time_size(comm, algorithms, count, dtype, iters, warmup) -> dict[str, float
             collectives.allreduce(buf, comm, name, "sum")
     samples = np.zeros((len(algorithms), iters))
     for it in range(iters):
-        # rotate the starting algorithm each round so none always runs right after another
-        for j in range(len(algorithms)):
-            k = (j + it) % len(algorithms)
+        # a fresh order each round (seeded, so the same on every rank): no algorithm always runs
+        # right after the same other one and inherits its after-effects (caches, a lagging peer)
+        order = list(range(len(algorithms)))
+        random.Random(it).shuffle(order)
+        for k in order:
             buf.fill_(1)  # fresh inputs, outside the timed region
             comm.Barrier()  # blocks until every rank is here: all start together
             start = time.perf_counter()
