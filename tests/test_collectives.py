@@ -247,8 +247,12 @@ def test_prepare_does_the_collective_set_up_up_front():
         buf = torch.ones(33)
         collectives.allreduce(buf, sub, "auto", "sum")
         assert torch.equal(buf, torch.full((33,), float(P)))
+        handle = sub.py2f()
+        assert P == 1 or any(key[0] == handle for key in tuning._fast)
     finally:
         sub.Free()  # frees the private duplicate too
+    # auto's cached choices leave with the communicator (MPI may reuse its handle)
+    assert not any(key[0] == handle for key in tuning._fast)
 
 
 # ---------------------------------------------------------------- serial tests

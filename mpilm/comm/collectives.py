@@ -66,7 +66,7 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = 
     if p == 1 or buf.numel() == 0:
         return _finish(buf, p, op)
     if algorithm == "auto":
-        algorithm = tuning.choose(buf.numel() * buf.element_size(), comm, buf.dtype)
+        algorithm = tuning.choose(buf.nbytes, comm, buf.dtype)
     if algorithm == "mpi":
         return mpi_allreduce(buf, comm, op)
     return _module(algorithm).allreduce(buf, comm, op)

@@ -45,7 +45,20 @@ KIB = 1 << 10
 _explicit_path: Path | None = None
 _generation = 0
 _warned: set[str] = set()
-_CACHE_KEYVAL = MPI.Comm.Create_keyval()
+# choices for the default file by (communicator handle, bytes, dtype): the whole cost of ``auto``
+# on a small message is this lookup. Entries leave with their communicator (delete callback of
+# the attribute that marks a communicator as cached) and on ``forget()``, so a handle that MPI
+# reuses for a new communicator never sees an old choice.
+_fast: dict[tuple, str] = {}
+
+
+def _drop_comm(comm: MPI.Comm, keyval: int, state) -> None:
+    handle = comm.py2f()
+    for key in [key for key in _fast if key[0] == handle]:
+        _fast.pop(key, None)
+
+
+_CACHE_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_drop_comm)
 
 
 class TuningFileError(ValueError):
@@ -77,6 +90,7 @@ def forget() -> None:
     """Drop the cached rules of every communicator (call on all ranks, e.g. after a re-tune)."""
     global _generation
     _generation += 1
+    _fast.clear()
 
 
 def tuning_path(tuning_file: str | os.PathLike | None = None) -> Path:
@@ -224,17 +238,23 @@ def pick(rules_list: list[list], nbytes: int) -> str:
 def choose(nbytes: int, comm: MPI.Comm, dtype: torch.dtype = torch.float32, tuning_file=None) -> str:
     """The algorithm ``auto`` runs for a message of ``nbytes`` bytes of ``dtype`` on ``comm``.
 
-    Hot path (every ``auto`` call): one attribute lookup and one dict lookup once a size was seen.
+    Hot path (every ``auto`` call): one dict lookup once this size was seen on this communicator.
     """
-    state = comm.Get_attr(_CACHE_KEYVAL)
-    if state is not None and state.generation == _generation:
-        algorithm = state.memo.get((nbytes, dtype, tuning_file))
+    if tuning_file is None:
+        algorithm = _fast.get((comm.py2f(), nbytes, dtype))
         if algorithm is not None:
             return algorithm
-    memo = _state(comm).memo
-    if len(memo) >= 4096:  # bounded for callers that never repeat a size
-        memo.clear()
-    algorithm = memo[(nbytes, dtype, tuning_file)] = pick(rules(comm, dtype, tuning_file)[0], nbytes)
+    state = _state(comm)
+    key = (nbytes, dtype, tuning_file)
+    algorithm = state.memo.get(key)
+    if algorithm is None:
+        if len(state.memo) >= 4096:  # bounded for callers that never repeat a size
+            state.memo.clear()
+        algorithm = state.memo[key] = pick(rules(comm, dtype, tuning_file)[0], nbytes)
+    if tuning_file is None:
+        if len(_fast) >= 4096:
+            _fast.clear()
+        _fast[(comm.py2f(), nbytes, dtype)] = algorithm
     return algorithm
 
 
