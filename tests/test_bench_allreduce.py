@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mpilm.bench.__main__ import main as bench_main
 from mpilm.bench.allreduce import parse_bytes
@@ -21,11 +22,12 @@ SMALL = ["--min-bytes", "4K", "--max-bytes", "64K", "--factor", "4", "--iters", 
 
 @pytest.fixture(autouse=True)
 def restore_module_settings():
-    """In-process runs set the tuning file and the ring segment size: put them back."""
-    segment = ring.SEGMENT_BYTES
+    """In-process runs set the tuning file, the ring segment size and torch's threads: put them back."""
+    segment, threads = ring.SEGMENT_BYTES, torch.get_num_threads()
     yield
     ring.SEGMENT_BYTES = segment
     tuning.use_file(None)
+    torch.set_num_threads(threads)
 
 
 def test_sweep_writes_json_rows_and_plot(tmp_path, cli):

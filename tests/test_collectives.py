@@ -23,8 +23,6 @@ from mpi4py import MPI
 from mpilm.comm import collectives, p2p, ring, rhd, tree, tuning, world
 from mpilm.comm.collectives import shard_bounds
 
-torch.set_num_threads(1)  # up to 5 ranks share 2 cores
-
 COMM = MPI.COMM_WORLD
 P, RANK = COMM.Get_size(), COMM.Get_rank()
 OURS = ("ring", "rhd", "tree")
@@ -55,11 +53,15 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def no_user_tuning_file():
-    """``auto`` must not read the developer's ~/.cache tuning file: point it at a missing one."""
+def isolated_settings():
+    """``auto`` must not read the developer's ~/.cache tuning file (point it at a missing one), and
+    up to 5 ranks share 2 cores (one torch thread each); both restored for the other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     tuning.use_file(Path(tempfile.gettempdir()) / "mpilm-tests-no-such-tuning-file.json")
     yield
     tuning.use_file(None)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
