@@ -5,8 +5,7 @@ vector with the partner whose rank differs in bit k (one blocking ``Sendrecv``) 
 partner's vector in. Both partners compute ``mine + theirs`` with the same two operands, so the
 result is bit-identical on every rank. When p is not a power of two the first 2 rem ranks fold in
 pairwise as in ``rhd.py`` (the shared ``p2p.fold_in`` map): the even rank sends its vector to
-the odd one
-before the exchange and gets the result back after it.
+the odd one before the exchange and gets the result back after it.
 
 Why recursive doubling rather than a binomial reduce + broadcast: both are logarithmic, but the
 binomial pair needs 2 lg p latency steps where recursive doubling needs lg p' (+2 with fold-in),
@@ -14,11 +13,13 @@ and on small messages latency is the whole cost.
 
 Cost (alpha-beta-gamma, n bytes): lg p' (alpha + n beta + n gamma), plus 2 alpha + 2 n beta +
 n gamma with fold-in. Every step moves the full vector, so it loses to ``rhd`` and ``ring`` once
-n beta outweighs alpha (tens of KiB on shared memory).
+n beta outweighs alpha (between 64 and 256 KiB at 2 ranks on one node, see
+``docs/figures/allreduce-np2.json``).
 
 Half types (float16/bfloat16) are widened to fp32 for the whole reduction and rounded once at the
 end (the average is divided in fp32 too): on small messages doubling the bytes costs next to
-nothing and the result is the exactly rounded fp32 sum instead of one rounded lg p times.
+nothing, and the result is the fp32 sum rounded to the half type once instead of a half-typed
+partial sum rounded at every step.
 
 The vector moves in segments of ``SEGMENT_BYTES`` (each segment runs the full doubling), so a
 large call, although not what this algorithm is for, still needs only segment-sized scratch.
