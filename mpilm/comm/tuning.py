@@ -16,8 +16,9 @@ agree on. A missing file means built-ins, silently; an unreadable or malformed o
 warn once on stderr and use built-ins: a tuning file never stops a run.
 
 Limits: an entry measured for float32 also serves other dtypes by byte size when there is no
-entry for them; ``forget()`` must be called on every rank at the same point (it re-triggers the
-collective load).
+entry for them. The file is read once per communicator: an edit (or a new ``$MPILM_TUNING``)
+takes effect after ``forget()``, which every rank must call at the same point (it re-triggers
+the collective load).
 """
 
 from __future__ import annotations
