@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpilm.bench import parse_algorithms, pyplot
 from mpilm.comm import collectives, ring, tuning, world
 from mpilm.errors import UsageError
-from mpilm.bench import parse_algorithms, pyplot
 
 DESCRIPTION = "allreduce bandwidth/latency sweep of every algorithm vs MPI_Allreduce (nccl-tests style)"
 
