@@ -75,9 +75,8 @@ def builtin_rules(world_size: int) -> list[list]:
     with 2 lg p steps. At other sizes its fold-in sends the whole vector twice more on some
     ranks, which costs more than the ring's extra latency steps, so the ring takes over.
     """
-    if world_size & (world_size - 1) == 0:
-        return [[64 * KIB, "tree"], [None, "rhd"]]
-    return [[32 * KIB, "tree"], [None, "ring"]]
+    power_of_two = world_size & (world_size - 1) == 0
+    return [[64 * KIB, "tree"], [None, "rhd" if power_of_two else "ring"]]
 
 
 def use_file(path: str | os.PathLike | None) -> None:
