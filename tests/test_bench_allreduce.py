@@ -51,6 +51,17 @@ def test_sweep_writes_json_rows_and_plot(tmp_path, cli):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_shared_buffer_sweep_includes_shm(tmp_path, cli):
+    out_json = tmp_path / "rows.json"
+    result = cli(["-m", "mpilm.bench", "allreduce", *SMALL, "--algorithms", "shm,hier,ring,mpi", "--shared-buffer",
+                  "--json", str(out_json)], np=2)
+    assert result.returncode == 0, result.stderr
+    assert "message in node shared memory" in result.stdout
+    rows = json.loads(out_json.read_text())
+    assert {r["algorithm"] for r in rows} == {"shm", "hier", "ring", "mpi"}
+    assert all(r["buffer"] == "shared" and r["time_us"] > 0 for r in rows)
+
+
 def test_tune_writes_thresholds_that_auto_then_uses(tmp_path, cli):
     path = tmp_path / "tuning.json"
     tuned = cli(["-m", "mpilm.bench", "allreduce", *SMALL, "--algorithms", "ring,tree,mpi",

@@ -33,7 +33,7 @@ import torch
 from mpi4py import MPI
 
 from mpilm.bench import parse_algorithms, pyplot
-from mpilm.comm import collectives, ring, tuning, world
+from mpilm.comm import collectives, ring, shm, tuning, world
 from mpilm.errors import UsageError
 
 DESCRIPTION = "allreduce bandwidth/latency sweep of every algorithm vs MPI_Allreduce (nccl-tests style)"
@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per algorithm and size (default %(default)s)")
     parser.add_argument("--segment-bytes", default=None,
                         help="ring/rhd message segment size, K/M suffixes (default: mpilm.comm.ring.SEGMENT_BYTES)")
+    parser.add_argument("--shared-buffer", action="store_true",
+                        help="allocate the message in the node's shared-memory window, as training does for "
+                             "shm/hier/auto (every algorithm then reads the same memory)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the rows to this JSON file")
     parser.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
     parser.add_argument("--tune", action="store_true",
@@ -140,10 +143,19 @@ def _check_writable(args) -> None:
         raise UsageError(problem)
 
 
-def _time_size(comm, algorithms, count, dtype, iters, warmup) -> dict[str, float]:
+def _time_size(comm, algorithms, count, dtype, iters, warmup, shared=False) -> dict[str, float]:
     """Median over iterations of the slowest rank's time (seconds) per algorithm at one size."""
-    p = comm.Get_size()
-    buf = torch.empty(count, dtype=dtype)
+    if not shared:
+        return _time_buffer(comm, algorithms, torch.empty(count, dtype=dtype), iters, warmup)
+    buf = shm.alloc_shared_buffer(count, dtype, comm)  # collective over the node
+    try:
+        return _time_buffer(comm, algorithms, buf, iters, warmup)
+    finally:
+        shm.free_shared_buffer(buf, comm)  # collective over the node
+
+
+def _time_buffer(comm, algorithms, buf, iters, warmup) -> dict[str, float]:
+    p, count = comm.Get_size(), buf.numel()
     for name in algorithms:
         for _ in range(warmup):
             buf.fill_(1)
@@ -237,7 +249,8 @@ def _sweep(args, settings: dict) -> None:
     algorithms = settings["algorithms"]
     rpn = tuning.ranks_per_node(comm)
     world.say(f"# mpilm allreduce: {p} ranks ({rpn} per node), {dtype_label}, op sum, "
-              f"median of {args.iters} iterations after {args.warmup} warm-up, time = slowest rank")
+              f"median of {args.iters} iterations after {args.warmup} warm-up, time = slowest rank"
+              + (", message in node shared memory" if args.shared_buffer else ""))
     world.say(f"# {world.library_version()}; ring segment {human_bytes(ring.SEGMENT_BYTES)}"
               + ("; --tune: timing candidates, auto not run" if args.tune else ""))
     if args.iters < RECOMMENDED_ITERS:
@@ -252,7 +265,7 @@ def _sweep(args, settings: dict) -> None:
     bus_factor = 2 * (p - 1) / p if p > 1 else 1.0
     for nbytes in settings["sizes"]:
         count = nbytes // itemsize
-        times = _time_size(comm, algorithms, count, dtype, args.iters, args.warmup)
+        times = _time_size(comm, algorithms, count, dtype, args.iters, args.warmup, args.shared_buffer)
         if args.plot and world.rank() == 0:
             memcpy[nbytes] = _memcpy_bandwidth(count, dtype, args.iters)
         comm.Barrier()  # blocks: the other ranks wait while rank 0 measures memcpy alone
@@ -263,7 +276,8 @@ def _sweep(args, settings: dict) -> None:
             row = {"size_bytes": nbytes, "count": count, "dtype": dtype_label, "algorithm": name,
                    "world_size": p, "time_us": seconds * 1e6, "algbw_gbps": algbw,
                    "busbw_gbps": algbw * bus_factor,
-                   "vs_mpi": times["mpi"] / seconds if "mpi" in times else None}
+                   "vs_mpi": times["mpi"] / seconds if "mpi" in times else None,
+                   "buffer": "shared" if args.shared_buffer else "private"}
             if name == "auto":
                 row["chose"] = collectives.describe_auto([nbytes], comm, dtype)[0][1]
             size_rows.append(row)
