@@ -14,8 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+REDUCE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (rtol, atol) of a reduction against a float64 reference over ~N(0,1) inputs: the half types are
+# rounded once per stage (an shm stage, a step of a ring)
+REDUCE_TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
 BIN = Path(sys.executable).parent
 
 

@@ -18,17 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REDUCE_DTYPES as DTYPES
+from conftest import REDUCE_TOLERANCE as TOLERANCE
+
 pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.collectives]
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# (rtol, atol) against the float64 reference: fp32/fp64 sums of ~N(0,1) values; the half types
-# are rounded once per stage (shm stage, and per step of the inter-node ring in hier)
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-12, 1e-12),
-    torch.float16: (4e-3, 1e-2),
-    torch.bfloat16: (3e-2, 6e-2),
-}
 
 
 def _world():

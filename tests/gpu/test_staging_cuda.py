@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REDUCE_DTYPES as DTYPES
+from conftest import REDUCE_TOLERANCE as TOLERANCE
+
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible to torch", allow_module_level=True)
 
 pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.collectives]
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-12, 1e-12),
-    torch.float16: (4e-3, 1e-2),
-    torch.bfloat16: (3e-2, 6e-2),
-}
 
 
 def _world():
