@@ -74,7 +74,9 @@ class TrainConfig:
     warmup_steps: int = opt(20, "linear learning-rate warm-up steps", check=non_negative)
     weight_decay: float = opt(0.1, "decoupled weight decay (adamw) or L2 (sgd) on matrices", check=non_negative)
     momentum: float = opt(0.9, "SGD momentum", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 disables)", check=non_negative)
+    grad_clip: float = opt(1.0, "clip the global norm of the averaged gradient to this value (0 disables); with "
+                                "--compress topk prefer --local-clip: clipping the sparse aggregate discards what error "
+                                "feedback held back", check=non_negative)
     seed: int = opt(1337, "seed for initialisation and batch sampling")
     # system
     device: str = opt("auto", "auto: cuda:<local rank> when a GPU is present, else cpu", choices=DEVICES)
