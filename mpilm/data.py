@@ -193,8 +193,8 @@ def load(comm: MPI.Comm, data: str | None, cache_dir: str, val_fraction: float, 
         tokens = None
         if r == 0:
             tokens = np.fromfile(verdict["path"], dtype=dtype, offset=verdict["header_bytes"])
-        counts = [block_range(verdict["n_train"], n, q)[1] - block_range(verdict["n_train"], n, q)[0] for q in range(n)]
-        displs = [block_range(verdict["n_train"], n, q)[0] for q in range(n)]
+        bounds = [block_range(verdict["n_train"], n, q) for q in range(n)]
+        counts, displs = [hi - lo for lo, hi in bounds], [lo for lo, _ in bounds]
         # blocks until rank 0 has sent every rank its block
         comm.Scatterv([tokens, counts, displs, base] if r == 0 else None, [block, base], root=0)
         if r == 0:

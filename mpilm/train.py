@@ -212,12 +212,11 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
     compute = sum(s.get(p, 0.0) for s in timer.steps for p in PHASES if p != "comm")
     comm_s = sum(s.get("comm", 0.0) for s in timer.steps)
     comm_total = sum(s.get("comm_total", 0.0) for s in timer.steps)
-    # SYNC: run-level figures averaged over ranks
-    final_train, compute, comm_s, comm_total = mean_over_ranks(
-        comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total])
     stats = timer.rank_stats()
-    # SYNC: per-step means (time, bytes) averaged over ranks
-    stats = dict(zip(stats, mean_over_ranks(comm, list(stats.values()))))
+    # SYNC: one allreduce averages the run totals and the per-step means (time, bytes) over ranks
+    final_train, compute, comm_s, comm_total, *step_means = mean_over_ranks(
+        comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total, *stats.values()])
+    stats = dict(zip(stats, step_means))
     perf = run_metrics(stats, world_size=n_ranks, tokens_per_step=cfg.tokens_per_step_per_rank * n_ranks,
                        flops_per_token=model.flops_per_token(), payload_bytes=gradient_bytes, device=device)
     tokens_per_s = perf["tokens_per_s"]
