@@ -341,7 +341,7 @@ bool with_cuda() {
 }  // namespace mpilm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mpilm gradient-compression kernels (top-k by sampled threshold, fused residual, sparse accumulate)";
+  m.doc() = "mpilm kernels: top-k by sampled threshold, fused residual, sparse accumulate; shared-memory allreduce";
   // the GIL is released: grad sync may call these from its communication thread
   m.def("topk", &mpilm::topk, "exact top-k by magnitude into (out_idx, out_val), index order",
         py::arg("x"), py::arg("k"), py::arg("out_idx"), py::arg("out_val"),
@@ -353,4 +353,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_accumulate", &mpilm::sparse_accumulate, "dense[idx[j]] += val[j] in array order",
         py::arg("dense"), py::arg("idx"), py::arg("val"), py::call_guard<py::gil_scoped_release>());
   m.def("with_cuda", &mpilm::with_cuda, "whether the CUDA kernels were compiled in");
+  // mpilm_shm.cpp: raw addresses from mpilm/comm/shm.py, which owns the memory behind them
+  m.def("shm_allreduce", &mpilm::shm_allreduce,
+        "shared-memory allreduce of one buffer on one node (the whole protocol of shm.py)",
+        py::arg("buf_address"), py::arg("n"), py::arg("dtype_code"), py::arg("divisor"), py::arg("signature"),
+        py::arg("my_window"), py::arg("my_offset"), py::arg("oneshot_bytes"), py::arg("context_address"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("shm_context_words", &mpilm::shm_context_words, "length of the int64 context shm_allreduce reads");
 }

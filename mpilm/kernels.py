@@ -48,6 +48,7 @@ from mpilm.errors import UsageError
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "kernels"
 CPU_SOURCE = "mpilm_kernels.cpp"
+SHM_SOURCE = "mpilm_shm.cpp"  # the shared-memory allreduce of mpilm/comm/shm.py
 CUDA_SOURCE = "mpilm_kernels.cu"
 HEADER = "mpilm_kernels.h"
 BACKENDS = ("auto", "kernel", "torch")
@@ -87,7 +88,7 @@ def cache_root() -> Path:
 
 def _build_name(with_cuda: bool) -> str:
     digest = hashlib.sha256()
-    for name in (HEADER, CPU_SOURCE) + ((CUDA_SOURCE,) if with_cuda else ()):
+    for name in (HEADER, CPU_SOURCE, SHM_SOURCE) + ((CUDA_SOURCE,) if with_cuda else ()):
         digest.update((SOURCE_DIR / name).read_bytes())
     digest.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}|cuda={with_cuda}".encode())
     return f"mpilm_kernels_{digest.hexdigest()[:12]}"
@@ -102,7 +103,8 @@ def _build(verbose: bool):
     root = cache_root()
     build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(SOURCE_DIR / CPU_SOURCE)] + ([str(SOURCE_DIR / CUDA_SOURCE)] if with_cuda else [])
+    sources = [str(SOURCE_DIR / name) for name in (CPU_SOURCE, SHM_SOURCE)]
+    sources += [str(SOURCE_DIR / CUDA_SOURCE)] if with_cuda else []
     defines = ["-DMPILM_WITH_CUDA"] if with_cuda else []
     with open(root / f"{name}.lock", "w") as lock_file:
         # blocks while another process (another rank of this node) compiles the same sources

@@ -67,12 +67,46 @@ def _fake_nodes(monkeypatch, ranks_per_node: int | None) -> None:
 
 
 # ---------------------------------------------------------------- shm
+# ONESHOT_BYTES: the default (small lengths one-shot, large two-shot), all two-shot, all one-shot
+PROTOCOLS = {"default": None, "two-shot": -1, "one-shot": 1 << 40}
+
+
+def _protocol(monkeypatch, protocol: str) -> None:
+    from mpilm.comm import shm
+
+    if PROTOCOLS[protocol] is not None:
+        monkeypatch.setattr(shm, "ONESHOT_BYTES", PROTOCOLS[protocol])  # the same on every rank
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch):
+    """The C++ allreduce (kernels/mpilm_shm.cpp) or shm.py's own; both must give the same bytes."""
+    from mpilm.comm import shm
+
+    if request.param == "python":
+        monkeypatch.setattr(shm, "NATIVE", False)  # the same on every rank
+    return request.param
+
+
+def test_shm_native_path_is_used_when_built():
+    from mpilm import kernels
+    from mpilm.comm import shm
+
+    comm = _world()
+    if comm.Get_size() < 2:
+        pytest.skip("needs two ranks")
+    group = shm._node_of(comm)[1]
+    assert (group.native is not None) == (kernels.load() is not None), kernels.status()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("ranks_per_node", [None, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype):
+def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype, protocol, path):
     from mpilm.comm import shm, world
 
     _fake_nodes(monkeypatch, ranks_per_node)
+    _protocol(monkeypatch, protocol)
     comm = _world()
     node = world.node_comm(comm)  # shm runs on one (real or fake) node
     members = node.allgather(comm.Get_rank())  # world ranks of my node, for the reference
@@ -86,12 +120,14 @@ def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype):
             _assert_identical_on(node, x, what)
 
 
+@pytest.mark.parametrize("protocol", ["one-shot", "two-shot"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype):
+def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype, protocol, path):
     """Regions longer than REDUCE_BLOCK are summed, divided and published block by block."""
     from mpilm.comm import shm
 
     monkeypatch.setattr(shm, "REDUCE_BLOCK", 257)  # the same on every rank
+    _protocol(monkeypatch, protocol)
     comm = _world()
     everyone = list(range(comm.Get_size()))
     for seed, n in enumerate([1009, 2**16 + 3]):
@@ -101,16 +137,21 @@ def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype):
         _assert_identical_on(comm, x, f"blocked n={n} {dtype}")
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_shm_halves_match_reference(dtype):
+def test_shm_halves_match_reference(dtype, shared):
+    """reduce_scatter and allgather; in shared buffers allgather pushes each slice to the peers."""
     from mpilm.comm import shm
     from mpilm.comm.collectives import shard_bounds
 
     comm = _world()
     p, r = comm.Get_size(), comm.Get_rank()
     everyone = list(range(p))
-    for seed, n in enumerate(_lengths(p)):
-        x = _input(n, dtype, seed, r)
+    lengths = _lengths(p)
+    memory = shm.alloc_shared_buffer(max(lengths), dtype, comm) if shared else None
+    for seed, n in enumerate(lengths):
+        x = memory[:n] if shared else torch.empty(n, dtype=dtype)
+        x.copy_(_input(n, dtype, seed, r))
         before = x.clone()
         mine = shm.reduce_scatter(x, comm, op="avg")
         lo, hi = shard_bounds(n, p, r)
@@ -124,6 +165,8 @@ def test_shm_halves_match_reference(dtype):
         for q in everyone:
             q_lo, q_hi = shard_bounds(n, p, q)
             assert torch.equal(x[q_lo:q_hi], _input(n, dtype, seed, q)[q_lo:q_hi]), f"allgather n={n} slice {q}"
+    if shared:
+        shm.free_shared_buffer(memory, comm)
 
 
 def test_shm_rejects_a_communicator_spanning_nodes(monkeypatch):
@@ -137,7 +180,7 @@ def test_shm_rejects_a_communicator_spanning_nodes(monkeypatch):
         shm.allreduce(torch.ones(8), comm)
 
 
-def test_shm_length_mismatch_raises_on_every_rank():
+def test_shm_length_mismatch_raises_on_every_rank(path):
     from mpilm.comm import shm
 
     comm = _world()
@@ -157,9 +200,13 @@ def test_shm_length_mismatch_raises_on_every_rank():
     assert torch.equal(x, torch.full((64,), float(comm.Get_size())))
 
 
-def test_shm_shared_buffer_zero_copy_and_mixed():
-    """Buffers from alloc_shared_buffer (whole, bucket views, mixed with private) are reduced in place."""
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_shm_shared_buffer_zero_copy_and_mixed(monkeypatch, protocol, path):
+    """Buffers from alloc_shared_buffer (whole, bucket views, mixed with private) are reduced in
+    place: two-shot pushes when every buffer is shared, pulls when one is private."""
     from mpilm.comm import shm
+
+    _protocol(monkeypatch, protocol)
 
     comm = _world()
     p, r = comm.Get_size(), comm.Get_rank()
@@ -189,7 +236,24 @@ def test_shm_shared_buffer_zero_copy_and_mixed():
         shm.free_shared_buffer(torch.ones(3), comm)
 
 
-def test_shm_reuses_windows_over_many_calls():
+def test_shm_shared_rank_waits_while_a_private_peer_grows_the_scratch(path):
+    """Rank 0 passes a shared buffer (the C++ path needs no scratch), the others a private one
+    too large for the scratch they have not made yet: every rank grows it, then finishes."""
+    from mpilm.comm import shm
+
+    comm = _world().Dup()  # a fresh node group: no scratch window yet (kept until exit, like any group)
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = (shm.MIN_SCRATCH_BYTES // 4) * 3  # float32: larger than a first scratch half
+    flat = shm.alloc_shared_buffer(n, torch.float32, comm)
+    x = flat if r == 0 else torch.empty(n)
+    x.copy_(_input(n, torch.float32, 7, r))
+    shm.allreduce(x, comm, op="avg")
+    _assert_close(x, _reference(n, torch.float32, 7, list(range(p)), "avg"), torch.float32, "grown")
+    _assert_identical_on(comm, x, "grown")
+    shm.free_shared_buffer(flat, comm)
+
+
+def test_shm_reuses_windows_over_many_calls(path):
     """1000 calls of varying sizes: no new windows after the largest size, no RSS growth."""
     from mpilm.comm import shm
 

@@ -77,6 +77,10 @@ _CACHE_ENTRIES = 256  # call shapes remembered (plans, splits); cleared when ful
 
 MIN_SCRATCH_BYTES = 1 << 20  # first scratch window; later ones double
 REDUCE_BLOCK = 1 << 17  # elements summed, divided and published per pass, while in L2
+# allreduces that read at most this many bytes of the peers' inputs (n x element size x (p-1))
+# go one-shot: every rank sums every whole input, one sync instead of two (measured crossover)
+ONESHOT_BYTES = 64 << 10
+NATIVE = True  # allreduces through kernels/mpilm_shm.cpp when built; False: Python (same on every rank)
 # Waiting for a peer: busy-poll (as MPI libraries do; giving the core away costs a scheduler
 # time slice whenever anything else is runnable) for SPIN_BUSY_S, then poll with os.sched_yield
 # until SPIN_YIELD_S, then sleep SPIN_SLEEP_S between polls. When this machine runs more of our
@@ -97,6 +101,10 @@ _DESCRIPTION_BASE = (2, 8)  # where the two descriptions start in a slot
 _SCRATCH = -1  # _WINDOW value: the input was copied into the scratch window
 _GROWING = (-2, 0)  # published input: my scratch window is too small, every rank must grow it
 _KINDS = {"allreduce": 1, "reduce_scatter": 2, "allgather": 3}
+# the context words and return codes of kernels/mpilm_shm.cpp (mirrored there)
+(_CTX_ARRIVALS, _CTX_CALLS, _CTX_SLOTS, _CTX_ME, _CTX_RANKS, _CTX_BASES, _CTX_BASE_ROWS,
+ _CTX_SCRATCH_HALF_BYTES, _CTX_BUSY_NS, _CTX_YIELD_NS, _CTX_SLEEP_NS, _CTX_WORDS) = range(12)
+_NATIVE_DONE, _NATIVE_MISMATCH, _NATIVE_GROW = 0, 1, 4
 _KIND_NAMES = {code: name for name, code in _KINDS.items()}
 _DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
 
@@ -161,14 +169,14 @@ class _EvenSplit:
 class _Shape:
     """The replicated facts of one kind of call (kind, split, length, dtype), cached."""
 
-    __slots__ = ("n", "dtype", "signature", "lo", "hi", "bounds", "reduce", "gather", "as_numpy", "wide")
+    __slots__ = ("n", "dtype", "signature", "lo", "hi", "bounds", "reduce", "gather", "as_numpy", "wide", "peer_bytes")
 
 
 class _Plan:
     """What a call of one shape reads and writes in shared memory, given where every input lies;
     independent of the caller's tensor, so it is cached."""
 
-    __slots__ = ("sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
+    __slots__ = ("oneshot", "sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
 
 
 class _NodeGroup:
@@ -191,8 +199,16 @@ class _NodeGroup:
         node.Barrier()  # blocks until node rank 0 has zeroed the control block
         self.control.win.Sync()
         self.busy_s = SPIN_SHARED_S if _oversubscribed() else SPIN_BUSY_S
-        self.arrivals = 0
-        self.calls = 0  # its parity picks the scratch half and the call description a call uses
+        # the context both paths share (kernels/mpilm_shm.cpp reads and updates it in place):
+        # the arrival counter, the call counter (its parity picks the scratch half and the call
+        # description a call uses), where the memory is, how to wait
+        self.ctx = np.zeros(_CTX_WORDS, dtype=np.int64)
+        self.ctx[_CTX_SLOTS] = self.control.base_address(0)
+        self.ctx[_CTX_ME], self.ctx[_CTX_RANKS] = self.me, self.p
+        self.ctx[_CTX_BUSY_NS] = int(self.busy_s * 1e9)
+        self.ctx[_CTX_YIELD_NS], self.ctx[_CTX_SLEEP_NS] = int(SPIN_YIELD_S * 1e9), int(SPIN_SLEEP_S * 1e9)
+        self.ctx_address = self.ctx.ctypes.data
+        self.bases = np.zeros(0, dtype=np.int64)  # segment addresses by (window row, rank)
         self.scratch: _SharedWindow | None = None
         self.buffers: dict[int, _SharedWindow] = {}  # alloc_shared_buffer windows, by id
         self.next_buffer_id = 0
@@ -201,6 +217,8 @@ class _NodeGroup:
         self.scratch_halves: dict[torch.dtype, tuple] = {}  # this rank's two scratch halves, per dtype
         self.accumulator: torch.Tensor | None = None  # private fp32 sums for half types
         self.accumulator_numpy: np.ndarray | None = None
+        self._changed()
+        self.native = _native_module(node)  # collective: the C++ path, or None on every rank
 
     # ---------------------------------------------------------------- synchronisation
     def _fence(self) -> None:
@@ -213,8 +231,8 @@ class _NodeGroup:
     def arrive_and_wait(self) -> None:
         """Sync point: publish this rank's arrival, wait for every node peer to arrive too."""
         self._fence()
-        self.arrivals += 1
-        target = self.arrivals
+        self.ctx[_CTX_ARRIVALS] += 1
+        target = int(self.ctx[_CTX_ARRIVALS])
         slots = self.slots
         slots[self.me * _SLOT_WORDS + _ARRIVED] = target
         for q in self.peers:
@@ -239,15 +257,15 @@ class _NodeGroup:
         self._fence()
 
     def publish(self, where: tuple[int, int], signature: int) -> None:
-        """Describe this call (``self.calls`` parity picks the copy) for the peers to check and read."""
-        base = self.description_bases[self.calls & 1][self.me]
+        """Describe this call (the call counter's parity picks the copy) for the peers to check and read."""
+        base = self.description_bases[self.parity()][self.me]
         slots = self.slots
         slots[base + _WINDOW], slots[base + _OFFSET] = where
         slots[base + _SIGNATURE] = signature
 
     def read_inputs(self, signature: int) -> tuple[tuple[int, int], ...]:
         """Every rank's published (window, offset); ValueError on every rank alike if calls differ."""
-        slots, bases = self.slots, self.description_bases[self.calls & 1]
+        slots, bases = self.slots, self.description_bases[self.parity()]
         for base in bases:
             if slots[base + _SIGNATURE] != signature:
                 calls = "; ".join(f"node rank {q}: {_describe(slots[b + _SIGNATURE])}" for q, b in enumerate(bases))
@@ -268,7 +286,7 @@ class _NodeGroup:
                 return window_id, (address - base) // buf.element_size()
         return None
 
-    def copy_in(self, local, shape: _Shape) -> tuple[int, int]:
+    def copy_in(self, local, shape: _Shape, oneshot: bool) -> tuple[int, int]:
         """Copy what the peers will read into this call's scratch half; ``_GROWING`` if too small.
 
         Scratch halves alternate between calls: a peer may still read the half of the previous
@@ -282,11 +300,13 @@ class _NodeGroup:
             half = self.scratch.nbytes // 2 // _ELEMENT_SIZES[dtype]
             segment = self.scratch.segment(self.me, dtype, dtype in _NUMPY_DTYPES)
             halves = self.scratch_halves[dtype] = (segment[:half], segment[half : 2 * half])
-        parity = self.calls & 1
+        parity = self.parity()
         target = halves[parity]
         if n > len(target):
             return _GROWING
-        if shape.reduce:  # the peers read the slices they reduce: all but mine
+        if oneshot:  # the peers sum my whole input
+            _copy(target[:n], local)
+        elif shape.reduce:  # the peers read the slices they reduce: all but mine
             if lo > 0:
                 _copy(target[:lo], local[:lo])
             if hi < n:
@@ -317,6 +337,16 @@ class _NodeGroup:
     def _changed(self) -> None:
         self.plans.clear()  # plans and halves hold views of windows that may be gone
         self.scratch_halves.clear()
+        # row 0: the scratch segments, row w + 1: shared buffer w's (0: no such window)
+        rows = 1 + (max(self.buffers) + 1 if self.buffers else 0)
+        bases = np.zeros((rows, self.p), dtype=np.int64)
+        windows = [(0, self.scratch)] + [(w + 1, window) for w, window in self.buffers.items()]
+        for row, window in windows:
+            if window is not None:
+                bases[row] = [window.base_address(q) for q in range(self.p)]
+        self.bases = bases.reshape(-1)  # kept referenced: the C++ path reads it by address
+        self.ctx[_CTX_BASES], self.ctx[_CTX_BASE_ROWS] = self.bases.ctypes.data, rows
+        self.ctx[_CTX_SCRATCH_HALF_BYTES] = self.scratch.nbytes // 2 if self.scratch else 0
 
     def accumulator_for(self, numel: int, as_numpy: bool):
         if self.accumulator is None or self.accumulator.numel() < numel:
@@ -348,42 +378,77 @@ class _NodeGroup:
         shape = self.shapes.get((kind, split, n, dtype))
         if shape is None:
             shape = self._shape(kind, split, n, dtype)
+        # small: one-shot if every input turns out to be private (replicated: length, dtype, p,
+        # caller), so a private buffer is copied in whole
+        small = 0 <= shape.peer_bytes <= ONESHOT_BYTES and between is None
         mine = self.locate(buf) if self.buffers else None
-        self.calls += 1
-        if mine is None:
-            local = buf.numpy() if shape.as_numpy else buf
-            mine = self.copy_in(local, shape)
-        else:  # a view of my segment, already at hand (cheaper than buf.numpy())
+        code = None
+        if NATIVE and self.native is not None and between is None and kind == "allreduce" and (
+                mine is not None or n * _ELEMENT_SIZES[dtype] <= self.ctx[_CTX_SCRATCH_HALF_BYTES]):
+            # the same protocol in C++; a private input that does not fit the scratch takes the
+            # Python path on every rank (capacities are equal), which grows it
+            window, offset = mine if mine is not None else (_SCRATCH, 0)
+            code = self.native.shm_allreduce(buf.data_ptr(), n, _DTYPE_CODES[dtype], divisor, shape.signature,
+                                             window, offset, ONESHOT_BYTES, self.ctx_address)
+            if code == _NATIVE_DONE:
+                return buf
+            if code != _NATIVE_GROW:
+                self._native_failed(code, shape.signature)
+            inputs = self.read_inputs(shape.signature)  # past sync 1; a peer waits for the growth
+        if mine is not None:  # a view of my segment, already at hand (cheaper than buf.numpy())
             local = self.buffers[mine[0]].segment(self.me, dtype, shape.as_numpy)[mine[1] : mine[1] + n]
-        self.publish(mine, shape.signature)
-        self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
-        inputs = self.read_inputs(shape.signature)
+        else:
+            local = buf.numpy() if shape.as_numpy else buf
+        if code is None:
+            self.ctx[_CTX_CALLS] += 1
+            if mine is None:
+                mine = self.copy_in(local, shape, small)
+            self.publish(mine, shape.signature)
+            self.arrive_and_wait()  # sync 1: every input lies in shared memory, its place published
+            inputs = self.read_inputs(shape.signature)
         if _GROWING in inputs:
             # some scratch was too small; capacities are equal on all ranks, so all grow together
             self.grow_scratch(n * _ELEMENT_SIZES[dtype])
             if mine == _GROWING:
-                mine = self.copy_in(local, shape)
+                mine = self.copy_in(local, shape, small)
             self.publish(mine, shape.signature)
             self.arrive_and_wait()  # sync 1 again, now with every input in place
             inputs = self.read_inputs(shape.signature)
-        plan = self.plans.get((shape, inputs))
+        plan = self.plans.get((shape, inputs, small))
         if plan is None:
-            plan = self._plan(shape, inputs)
+            plan = self._plan(shape, inputs, small)
+        if plan.oneshot:
+            # every input lies in the peers' scratch halves, which stay untouched until they pass
+            # sync 1 of their next call: sum them all, in rank order, and nothing else to wait for
+            self._reduce(local, plan.sources, divisor, shape.wide, ())
+            return buf
+        own = local[shape.lo : shape.hi]
         if shape.reduce:
-            own = local[shape.lo : shape.hi]
             # my region, summed into buf itself (and into shared memory for the peers to read)
-            self._reduce(own, plan.sources, divisor, shape.wide, None if between else plan.publish)
+            self._reduce(own, [own, *plan.sources], divisor, shape.wide, () if between else plan.publish)
             if between is not None:
                 between(torch.from_numpy(own) if shape.as_numpy else own)
-                if plan.publish is not None:
-                    _copy(plan.publish, own)
-            if plan.sync_after_reduce:
-                self.arrive_and_wait()  # sync 2: reduced regions ready, the inputs all read
+                for destination in plan.publish:
+                    _copy(destination, own)
+        else:  # allgather: push my slice into the peers' shared buffers (when they all are)
+            for destination in plan.publish:
+                _copy(destination, own)
+        if plan.sync_after_reduce:
+            self.arrive_and_wait()  # sync 2: reduced regions ready (or pushed), the inputs all read
         for q_lo, q_hi, source in plan.gather_from:
             _copy(local[q_lo:q_hi], source)
         if plan.sync_after_gather:
             self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
         return buf
+
+    def parity(self) -> int:
+        return int(self.ctx[_CTX_CALLS]) & 1
+
+    def _native_failed(self, code: int, signature: int) -> None:
+        if code == _NATIVE_MISMATCH:
+            self.read_inputs(signature)  # raises the ValueError, on every rank alike
+        raise RuntimeError(f"shm: the C++ allreduce failed with code {code} "
+                           f"(2: a peer named a shared window this rank does not know; 3: bad dtype)")
 
     def _shape(self, kind: str, split, n: int, dtype: torch.dtype) -> _Shape:
         shape = _Shape()
@@ -394,56 +459,75 @@ class _NodeGroup:
         shape.reduce, shape.gather = kind != "allgather", kind != "reduce_scatter"
         shape.as_numpy = dtype in _NUMPY_DTYPES
         shape.wide = dtype in (torch.float16, torch.bfloat16)
+        # what one-shot would read of the peers' inputs; -1: not an allreduce, never one-shot
+        shape.peer_bytes = n * _ELEMENT_SIZES[dtype] * (self.p - 1) if kind == "allreduce" else -1
         if len(self.shapes) >= _CACHE_ENTRIES:
             self.shapes.clear()
         self.shapes[(kind, split, n, dtype)] = shape
         return shape
 
-    def _plan(self, shape: _Shape, inputs) -> _Plan:
+    def _plan(self, shape: _Shape, inputs, small: bool) -> _Plan:
+        """The protocol, from facts every rank sees alike after sync 1: every input shared: push;
+        else small: one-shot (each private input was copied in whole); else pull."""
         n, lo, hi, bounds = shape.n, shape.lo, shape.hi, shape.bounds
         data = []
         for q, (window_id, offset) in enumerate(inputs):
             window = self.scratch if window_id == _SCRATCH else self.buffers[window_id]
             data.append(window.segment(q, shape.dtype, shape.as_numpy)[offset : offset + n])
         plan = _Plan()
-        plan.sources = [data[q][lo:hi] for q in self.peers] if shape.reduce else []
-        private = inputs[self.me][0] == _SCRATCH
-        plan.publish = data[self.me][lo:hi] if shape.reduce and shape.gather and private else None
-        plan.gather_from = [(bounds[q][0], bounds[q][1], data[q][bounds[q][0] : bounds[q][1]])
-                            for q in self.peers if shape.gather and bounds[q][1] > bounds[q][0]]
-        any_shared = any(window_id != _SCRATCH for window_id, _ in inputs)
-        plan.sync_after_reduce = shape.reduce and (shape.gather or any_shared)
-        plan.sync_after_gather = shape.gather and any_shared
+        all_shared = all(window_id != _SCRATCH for window_id, _ in inputs)
+        all_private = all(window_id == _SCRATCH for window_id, _ in inputs)
+        plan.oneshot = small and all_private
+        if plan.oneshot:  # every rank sums every whole input, in rank order: identical bits everywhere
+            plan.sources, plan.publish, plan.gather_from = data, (), []
+            plan.sync_after_reduce = plan.sync_after_gather = False
+        elif all_shared and shape.gather:
+            # push: every buffer is shared, so I write my reduced (or, for allgather, my own) slice
+            # straight into the peers' buffers and nobody copies anything out afterwards; no peer
+            # reads or writes my buffer once sync 2 is passed, so there is no sync 3
+            plan.sources = [data[q][lo:hi] for q in self.peers] if shape.reduce else []
+            plan.publish = [data[q][lo:hi] for q in self.peers] if hi > lo else []
+            plan.gather_from = []
+            plan.sync_after_reduce, plan.sync_after_gather = True, False
+        else:  # pull: my reduced slice goes where the peers read it; I read theirs after sync 2
+            plan.sources = [data[q][lo:hi] for q in self.peers] if shape.reduce else []
+            private = inputs[self.me][0] == _SCRATCH
+            plan.publish = [data[self.me][lo:hi]] if shape.reduce and shape.gather and private else []
+            plan.gather_from = [(bounds[q][0], bounds[q][1], data[q][bounds[q][0] : bounds[q][1]])
+                                for q in self.peers if shape.gather and bounds[q][1] > bounds[q][0]]
+            plan.sync_after_reduce = shape.reduce and (shape.gather or not all_private)
+            plan.sync_after_gather = shape.gather and not all_private
         if len(self.plans) >= _CACHE_ENTRIES:
             self.plans.clear()
-        self.plans[(shape, inputs)] = plan
+        self.plans[(shape, inputs, small)] = plan
         return plan
 
-    def _reduce(self, own, sources, divisor: int, wide: bool, publish) -> None:
-        """own = (own + sum(sources)) / divisor, block by block so each block is summed, divided
-        (and copied to ``publish``) while it is in cache; fp32 sums for float16 and bfloat16."""
-        m = len(own)
+    def _reduce(self, out, parts, divisor: int, wide: bool, publish) -> None:
+        """out = sum(parts) / divisor, summed in the order of ``parts`` (``out`` may be parts[0]),
+        block by block so each block is summed, divided and copied to every ``publish``
+        destination while it is in cache; fp32 sums for float16 and bfloat16."""
+        m = len(out)
         if m == 0:
             return
         if m <= REDUCE_BLOCK and not wide:  # one block: skip the slicing (small calls are overhead-bound)
-            _sum_into(own, [own, *sources], divisor)
-            if publish is not None:
-                _copy(publish, own)
+            _sum_into(out, parts, divisor)
+            for destination in publish:
+                _copy(destination, out)
             return
         block = min(m, REDUCE_BLOCK)
-        accumulator = self.accumulator_for(block, isinstance(own, np.ndarray)) if wide else None
+        accumulator = self.accumulator_for(block, isinstance(out, np.ndarray)) if wide else None
         for start in range(0, m, block):
             stop = min(start + block, m)
-            mine = own[start:stop]
-            parts = [mine] + [source[start:stop] for source in sources]
+            mine = out[start:stop]
+            blocks = [part[start:stop] for part in parts]
             if wide:
                 acc = accumulator[: stop - start]
-                _sum_into(acc, parts, divisor)
+                _sum_into(acc, blocks, divisor)
                 _copy(mine, acc)
             else:
-                _sum_into(mine, parts, divisor)
-            if publish is not None:
-                _copy(publish[start:stop], mine)
+                _sum_into(mine, blocks, divisor)
+            for destination in publish:
+                _copy(destination[start:stop], mine)
 
 
 def _describe(signature: int) -> str:
@@ -485,6 +569,21 @@ def _sum_into(out, parts, divisor: int) -> None:
             out.add_(part)
         if divisor > 1:
             out.div_(divisor)
+
+
+def _native_module(node: MPI.Comm):
+    """The compiled module with ``shm_allreduce`` if every rank of ``node`` has it, else None.
+
+    Collective over ``node`` (every rank must take the same path). The first use on a machine
+    builds the C++ extension (``mpilm.kernels``, ~40 s, cached); ``MPILM_KERNELS=torch`` or a
+    failed build means the Python path, which is slower per call (see the module docstring).
+    """
+    from mpilm import kernels  # lazy: the build machinery is only needed by a node group
+
+    module = kernels.load()
+    usable = module is not None and getattr(module, "shm_context_words", lambda: -1)() == _CTX_WORDS
+    everyone = node.allreduce(usable, op=MPI.LAND)  # cold path (once per node group): blocks on every rank
+    return module if everyone else None
 
 
 # ---------------------------------------------------------------- groups, cached per node comm
