@@ -213,7 +213,7 @@ def test_auto_follows_a_tuning_file_and_survives_a_broken_one(capfd):
         COMM.Barrier()
         tuning.forget()
         for _ in range(2):  # warned once, then silently built-in
-            assert tuning.choose(8, COMM) == tuning.pick(tuning.builtin_rules(P), 8)
+            assert tuning.choose(8, COMM) == tuning.pick(tuning.builtin_rules(P, tuning.ranks_per_node(COMM)), 8)
             tuning.forget()
         err = capfd.readouterr().err
         if RANK == 0:
@@ -342,8 +342,14 @@ def test_tuning_path_precedence(tmp_path, monkeypatch):
         tuning.use_file(None)
 
 
+def test_builtin_rules_use_shared_memory_on_one_node():
+    for p in (2, 3, 4, 5, 8):
+        assert {tuning.pick(tuning.builtin_rules(p, p), size) for size in (4 << 10, 64 << 10, 256 << 20)} == {"shm"}
+
+
 def test_builtin_rules_prefer_low_latency_for_small_messages():
     for p in (2, 3, 4, 5, 8):
-        rules = tuning.builtin_rules(p)
+        rules = tuning.builtin_rules(p, 1)
+        assert rules == tuning.builtin_rules(p)  # several nodes, or not known
         assert tuning.pick(rules, 4 << 10) == "tree"
         assert tuning.pick(rules, 256 << 20) in ("ring", "rhd")

@@ -66,15 +66,24 @@ class TuningFileError(ValueError):
     """A tuning file that exists but cannot be used."""
 
 
-def builtin_rules(world_size: int) -> list[list]:
-    """Rules used without a tuning file (alpha-beta reasoning, checked on the -np 2 sweep in
-    ``docs/figures/allreduce-np2.json``).
+def builtin_rules(world_size: int, ranks_per_node: int | None = None) -> list[list]:
+    """Rules used without a tuning file.
 
-    Small messages are latency-bound: recursive doubling (``tree``, lg p steps, one blocking
-    exchange each). Above that at power-of-two sizes Rabenseifner (``rhd``): bandwidth-optimal
-    with 2 lg p steps. At other sizes its fold-in sends the whole vector twice more on some
-    ranks, which costs more than the ring's extra latency steps, so the ring takes over.
+    All ranks on one node (``ranks_per_node == world_size``): ``shm`` at every size. Its C++
+    path beats MPICH's own allreduce from 1 KiB up at -np 2 here, 1.3-4.6x with the message in the
+    shared window (as training allocates it) and 0.9-1.7x with a private buffer copied in
+    (``docs/figures/allreduce-shm*-np2.json``); GPU buffers, which shm cannot map, go to the ring.
+
+    Several nodes (or unknown): alpha-beta reasoning, checked on the -np 2 sweep in
+    ``docs/figures/allreduce-np2.json``. Small messages are latency-bound: recursive doubling
+    (``tree``, lg p steps, one blocking exchange each). Above that at power-of-two sizes
+    Rabenseifner (``rhd``): bandwidth-optimal with 2 lg p steps. At other sizes its fold-in sends
+    the whole vector twice more on some ranks, which costs more than the ring's extra latency
+    steps, so the ring takes over. ``hier`` is chosen only by a tuning file measured on the
+    cluster: its gain depends on the network against the node's memory.
     """
+    if ranks_per_node is not None and ranks_per_node == world_size:
+        return [[None, "shm"]]
     power_of_two = world_size & (world_size - 1) == 0
     return [[64 * KIB, "tree"], [None, "rhd" if power_of_two else "ring"]]
 
@@ -184,12 +193,13 @@ def _rules_for(path: Path, world_size: int, rpn: int) -> tuple[dict[str, list], 
 class _State:
     """One communicator's cache: rules per file (by dtype) and finished choices per size."""
 
-    __slots__ = ("generation", "tables", "memo")
+    __slots__ = ("generation", "tables", "memo", "ranks_per_node")
 
     def __init__(self):
         self.generation = _generation
         self.tables: dict[Path, dict[str, list]] = {}
         self.memo: dict[tuple, str] = {}
+        self.ranks_per_node: int | None = None  # set with the first table
 
 
 def _state(comm: MPI.Comm) -> _State:
@@ -206,7 +216,7 @@ def _table(comm: MPI.Comm, path: Path) -> dict[str, list]:
     table = tables.get(path)
     if table is not None:
         return table
-    rpn = ranks_per_node(comm)
+    rpn = _state(comm).ranks_per_node = ranks_per_node(comm)
     table, problem = (_rules_for(path, comm.Get_size(), rpn) if comm.Get_rank() == 0 else (None, None))
     if problem and str(path) not in _warned:
         _warned.add(str(path))
@@ -225,7 +235,7 @@ def rules(comm: MPI.Comm, dtype: torch.dtype = torch.float32, tuning_file=None) 
     for candidate in (name, "float32", *sorted(table)):
         if candidate in table:
             return table[candidate], f"{path} [{candidate}]"
-    return builtin_rules(comm.Get_size()), "built-in"
+    return builtin_rules(comm.Get_size(), _state(comm).ranks_per_node), "built-in"
 
 
 def pick(rules_list: list[list], nbytes: int) -> str:
