@@ -115,13 +115,13 @@ def test_ddp_bench_rejects_dropout_and_unknown_algorithms(capsys):
 ALPHA_BETA = {"ring": (5e-6, 1 / 5e9), "rhd": (4e-6, 1 / 4.5e9), "tree": (3e-6, 1 / 4e9), "mpi": (2e-6, 1 / 6e9)}
 
 
-def synthetic_rows(world_sizes=(2, 3, 4)):
-    """bench allreduce rows that follow the model exactly."""
+def synthetic_rows(world_sizes=(2, 3, 4), cores=None):
+    """bench allreduce rows that follow the model exactly (with ``cores``: ranks sharing that many cores)."""
     rows = []
     for p in world_sizes:
         for algorithm, (alpha, beta) in ALPHA_BETA.items():
             for size in (4096 * 4**k for k in range(7)):
-                seconds = cost_model.predict_seconds(algorithm, p, size, alpha, beta)
+                seconds = cost_model.predict_seconds(algorithm, p, size, alpha, beta, cores)
                 rows.append({"size_bytes": size, "count": size // 4, "dtype": "float32", "algorithm": algorithm,
                              "world_size": p, "time_us": seconds * 1e6, "algbw_gbps": 0.0, "busbw_gbps": 0.0})
     return rows
@@ -137,6 +137,21 @@ def test_cost_terms_follow_the_algorithms():
     assert cost_model.cost_terms("gtopk", 8, 80) == (3, 240)
     assert cost_model.cost_terms("ring", 1, n) == (0, 0)
     assert cost_model.bucket_sizes(10, 4) == [4, 4, 2] and cost_model.bucket_sizes(8, 4) == [4, 4]
+
+
+def test_cost_phases_count_the_busy_ranks():
+    n = 1000.0
+    assert cost_model.cost_phases("ring", 3, n) == [(4, 4000 / 3, 3)]
+    # p = 3: rank 0 folds into rank 1 (2 busy), then ranks 1 and 2 run the p' = 2 core (2 busy)
+    assert cost_model.cost_phases("rhd", 3, n) == [(2, 2000, 2), (2, 1000, 2)]
+    assert cost_model.cost_phases("tree", 6, n) == [(2, 2000, 4), (2, 2000, 4)]
+    assert cost_model.cost_phases("mpi", 4, n) == [(4, 1500, 4)]
+    assert cost_model.cost_phases("ring", 1, n) == []
+    for algorithm in ("ring", "rhd", "tree", "mpi", "topk", "gtopk"):
+        for p in range(1, 10):
+            phases = cost_model.cost_phases(algorithm, p, n)
+            assert cost_model.cost_terms(algorithm, p, n) == (sum(m for m, _, _ in phases), sum(b for _, b, _ in phases))
+            assert all(busy <= p for _, _, busy in phases)
 
 
 def test_units():
@@ -184,17 +199,63 @@ def test_model_fits_on_two_ranks_and_predicts_three_and_four(tmp_path, capsys):
     assert doc["wins"] and (tmp_path / "model.png").stat().st_size > 0
 
 
+def test_contention_is_the_most_loaded_core():
+    assert [cost_model.contention(busy, 2) for busy in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
+    assert cost_model.contention(8, None) == 1 and cost_model.contention(8, 8) == 1
+    n = 1000.0
+    # every step of a 3-rank ring has 3 busy ranks: on 2 cores one core runs two of them
+    assert cost_model.cost_terms("ring", 3, n, cores=2) == (8, 8000 / 3)
+    # a 3-rank tree never has more than 2 busy ranks (the folded-out rank waits): no slow-down
+    assert cost_model.cost_terms("tree", 3, n, cores=2) == cost_model.cost_terms("tree", 3, n)
+    # 5 ranks: the fold pair (2 busy) runs at full speed, the 4-rank core at half
+    assert cost_model.cost_terms("rhd", 5, n, cores=2) == (2 + 4 * 2, 2000 + 1500 * 2)
+    assert cost_model.predict_seconds("ring", 4, n, 1e-6, 1e-9, cores=2) == pytest.approx(2 * (6e-6 + 1500e-9))
+
+
 def test_fit_models_ranks_time_sharing_cores():
-    """Measured on 2 cores, 4 ranks take twice the link time: --cores 2 recovers alpha and beta."""
-    rows = synthetic_rows()
-    for row in rows:
-        row["time_us"] *= cost_model.contention(row["world_size"], 2)
+    """Measured on 2 cores, rows made with the contention model: --cores 2 recovers alpha and beta."""
+    rows = synthetic_rows(cores=2)
     ring = [r for r in rows if r["algorithm"] == "ring"]
     alpha, beta = cost_model.fit(ring, "ring", cores=2)
     assert (alpha, beta) == (pytest.approx(ALPHA_BETA["ring"][0], rel=1e-6), pytest.approx(ALPHA_BETA["ring"][1], rel=1e-6))
     assert cost_model.fit(ring, "ring")[0] != pytest.approx(alpha, rel=1e-3)  # without it the fit is off
-    assert [cost_model.contention(p, 2) for p in (1, 2, 3, 4)] == [1, 1, 1.5, 2]
-    assert cost_model.contention(8, None) == 1
+
+
+def test_model_with_cores_shows_the_plain_model_beside(tmp_path, capsys):
+    src = tmp_path / "allreduce.json"
+    src.write_text(json.dumps(synthetic_rows(cores=2)))
+    out = tmp_path / "model.json"
+    status, stdout, _ = bench(["model", "--from", str(src), "--fit-np", "2", "--cores", "2", "--compute-ms", "40",
+                               "--grad-bytes", "4M", "--max-np", "8", "--json", str(out)], capsys)
+    assert status == 0 and "plain median" in stdout and "ceil(b/2)" in stdout
+    doc = json.loads(out.read_text())
+    assert doc["cores"] == 2
+    assert all(v["max_abs_error"] < 1e-6 for v in doc["validation"])  # the rows follow the corrected model
+    plain = {(v["algorithm"], v["world_size"]): v["median_abs_error"] for v in doc["plain"]["validation"]}
+    assert plain[("ring", 2)] < 1e-6 and plain[("ring", 3)] > 0.4  # plain: fits np 2, misses the shared cores
+    assert plain[("tree", 3)] < 1e-6  # never more than 2 busy ranks: nothing to correct
+    status, _, err = bench(["model", "--from", str(src), "--cores", "0", "--compute-ms", "40", "--grad-bytes", "4M"], capsys)
+    assert status == 2 and "--cores 0: must be >= 1" in err, err
+
+
+def test_repeated_runs_count_at_their_median(tmp_path, capsys):
+    rows = [r for r in synthetic_rows(world_sizes=(2,)) if r["algorithm"] == "ring"]
+    slowed = [dict(r, time_us=r["time_us"] * 5) for r in rows]  # a run disturbed by something else on the machine
+    for name, run in (("a", rows), ("b", rows), ("c", slowed)):
+        (tmp_path / f"allreduce-{name}.json").write_text(json.dumps(run))
+    merged = cost_model.merge_repeats(rows + rows + slowed)
+    assert len(merged) == len(rows) and all(m["repeats"] == 3 for m in merged)
+    assert [m["time_us"] for m in merged] == [r["time_us"] for r in rows]
+    out = tmp_path / "model.json"
+    status, _, _ = bench(["model", "--from", f"{tmp_path}/allreduce-*.json", "--compute-ms", "40", "--grad-bytes", "4M",
+                          "--max-np", "4", "--json", str(out)], capsys)
+    assert status == 0
+    doc = json.loads(out.read_text())
+    assert doc["fits"]["ring"]["alpha_s"] == pytest.approx(ALPHA_BETA["ring"][0], rel=1e-6)
+    assert all(q["repeats"] == 3 for q in doc["validation"][0]["points"])
+    status, _, err = bench(["model", "--from", f"{tmp_path}/nothing-*.json", "--compute-ms", "40", "--grad-bytes", "4M"],
+                           capsys)
+    assert status == 2 and "no file matches" in err, err
 
 
 def test_model_with_a_given_network_and_a_run_summary(tmp_path, capsys):

@@ -10,13 +10,21 @@ bytes on the algorithm's critical path (p' = largest power of two <= p; "fold" =
     topk   (p-1) alpha + (p-1) 8k beta     (allgather of k (fp32 value, int32 index) pairs per rank)
     gtopk  (lg p' + 2 fold) (alpha + 8k beta)   (global top-k: k pairs per recursive-doubling round)
 
-1. Fit: ``--from allreduce.json[,more.json]`` (rows of ``python -m mpilm.bench allreduce --json``)
-   gives, per algorithm, alpha and beta by least squares on the relative error (so 4 KiB and
-   256 MiB points count alike), non-negative. ``--fit-np 2`` fits on those world sizes only; every
-   other measured world size is then predicted from that fit and the error is shown (validation).
-   ``--cores C`` says the measurements ran on one node of C cores: p > C ranks time-share them, so
-   every step of a measured p-rank allreduce is taken to last max(1, p/C) times longer (fit and
-   validation only; the predictions below assume a core per rank).
+1. Fit: ``--from allreduce.json[,more.json]`` (rows of ``python -m mpilm.bench allreduce --json``;
+   glob patterns allowed) gives, per algorithm, alpha and beta by least squares on the relative
+   error (so 4 KiB and 256 MiB points count alike), non-negative. A point measured in several
+   files (repeated runs) counts once, at its median time. ``--fit-np 2`` fits on those world
+   sizes only; every other measured world size is then predicted from that fit and the error is
+   shown (validation).
+   ``--cores C`` says the measurements ran on one node of C cores (the plain model, which assumes
+   a core per rank, is fitted and shown beside it). Each phase of the algorithm has some busy
+   ranks, those that send, receive or reduce in it: all p in the ring, the 2 rem fold-in pairs
+   and then the p' core ranks in rhd, tree and mpi (the folded-out ranks wait). A phase is
+   synchronous, so it ends when the most loaded core has run its share: with b busy ranks on C
+   cores that core holds ceil(b/C) of them, and the phase's alpha and beta terms are multiplied
+   by ceil(b/C). Waiting ranks are not counted: MPICH busy-polls but gives its core away
+   (sched_yield) every MPIR_CVAR_POLLS_BEFORE_YIELD = 1000 polls. This is used for the fit and the
+   validation only; the predictions below assume a core per rank.
 2. Predict: with the compute time of one step (``--compute-ms``, or ``--from-summary`` a training
    run's summary.json, which also gives the gradient bytes and bucket size) the step time at N
    ranks is compute + the sum over gradient buckets of the allreduce time (mpilm reduces after
@@ -38,6 +46,7 @@ error.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import re
@@ -84,40 +93,54 @@ def parse_rate(text: str, option: str) -> float:
 
 
 # ---------------------------------------------------------------- the model
-def cost_terms(algorithm: str, p: int, n: float) -> tuple[float, float]:
-    """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks.
+def cost_phases(algorithm: str, p: int, n: float) -> list[tuple[float, float, int]]:
+    """(messages, bytes, busy ranks) of each phase on the critical path of one allreduce of n bytes.
 
-    For ``topk`` and ``gtopk`` n is the bytes of one rank's selected pairs (8k)."""
+    Busy ranks are those that send, receive or reduce in that phase; at a world size that is not
+    a power of two the fold-in pairs (2 rem ranks) are busy in the fold phase and the p' core
+    ranks in the rest, while the folded-out ranks wait. For ``topk`` and ``gtopk`` n is the
+    bytes of one rank's selected pairs (8k)."""
     if p <= 1:
-        return 0.0, 0.0
+        return []
     p2 = 1 << (p.bit_length() - 1)
-    fold = 1.0 if p != p2 else 0.0
+    rem = p - p2
     lg = math.log2(p2)
+    fold = [(2.0, 2.0 * n, 2 * rem)] if rem else []  # fold-in and fold-out: one message of n each way
     if algorithm == "ring":
-        return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
+        return [(2.0 * (p - 1), 2.0 * (p - 1) / p * n, p)]
     if algorithm in ("rhd", "mpi"):
-        return 2 * lg + 2 * fold, 2.0 * (p2 - 1) / p2 * n + 2 * n * fold
+        return fold + [(2 * lg, 2.0 * (p2 - 1) / p2 * n, p2)]
     if algorithm in ("tree", "gtopk"):
-        return lg + 2 * fold, (lg + 2 * fold) * n
+        return fold + [(lg, lg * n, p2)]
     if algorithm == "topk":
-        return float(p - 1), float(p - 1) * n
+        return [(float(p - 1), float(p - 1) * n, p)]
     raise ValueError(f"no cost formula for algorithm {algorithm!r}")
 
 
-def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float) -> float:
-    a, b = cost_terms(algorithm, p, n)
+def contention(busy: int, cores: int | None) -> int:
+    """How many times longer a step with ``busy`` ranks takes on ``cores`` cores (None: a core each).
+
+    A synchronous step ends when its slowest rank does, and the most loaded core has to run
+    ceil(busy / cores) of the busy ranks one after another."""
+    return max(1, math.ceil(busy / cores)) if cores else 1
+
+
+def cost_terms(algorithm: str, p: int, n: float, cores: int | None = None) -> tuple[float, float]:
+    """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks, each
+    phase stretched by ``contention`` when the ranks share ``cores`` cores."""
+    phases = cost_phases(algorithm, p, n)
+    return (sum(m * contention(busy, cores) for m, _, busy in phases),
+            sum(b * contention(busy, cores) for _, b, busy in phases))
+
+
+def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float, cores: int | None = None) -> float:
+    a, b = cost_terms(algorithm, p, n, cores)
     return a * alpha + b * beta
-
-
-def contention(p: int, cores: int | None) -> float:
-    """How much longer each step takes when p ranks share ``cores`` cores (None: not modelled)."""
-    return max(1.0, p / cores) if cores else 1.0
 
 
 def fit(rows: list[dict], algorithm: str, cores: int | None = None) -> tuple[float, float]:
     """Non-negative (alpha, beta) minimising the squared *relative* error over ``rows``."""
-    terms = np.array([np.multiply(cost_terms(algorithm, r["world_size"], r["size_bytes"]),
-                                  contention(r["world_size"], cores)) for r in rows])
+    terms = np.array([cost_terms(algorithm, r["world_size"], r["size_bytes"], cores) for r in rows])
     times = np.array([r["time_us"] * 1e-6 for r in rows])
     design = terms / times[:, None]  # divide each equation by its measurement: relative error
     target = np.ones(len(rows))
@@ -159,13 +182,15 @@ def step_comm_seconds(algorithm: str, p: int, buckets: list[int], alpha: float, 
 # ---------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="sources", default=None,
-                        help="bench allreduce JSON file(s), comma-separated, to fit alpha and beta on")
+                        help="bench allreduce JSON file(s) to fit alpha and beta on: comma-separated paths or glob "
+                             "patterns; a point measured in several files (repeated runs) counts once, at its median")
     parser.add_argument("--fit-np", default=None,
                         help="fit on these world sizes only (comma-separated); the others are predicted and checked "
                              "(default: all measured)")
     parser.add_argument("--cores", type=int, default=None,
-                        help="the measured ranks shared one node of this many cores: model their time-sharing "
-                             "(fit and validation; default: not modelled)")
+                        help="the measured ranks shared one node of this many cores: a step with b busy ranks takes "
+                             "ceil(b/cores) times as long (fit and validation; the plain model is shown beside it; "
+                             "default: not modelled)")
     parser.add_argument("--compute-ms", type=float, default=None, help="compute time of one training step (ms)")
     parser.add_argument("--from-summary", default=None,
                         help="a training run's summary.json: compute time per step, gradient bytes (and bucket size "
@@ -180,21 +205,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="write predicted efficiency vs N and predicted-vs-measured to this PNG")
 
 
+def _source_paths(sources: str) -> list[Path]:
+    """``--from`` entries, comma-separated, each a path or a glob pattern, in a stable order."""
+    paths = []
+    for entry in [s.strip() for s in sources.split(",") if s.strip()]:
+        expanded = Path(entry).expanduser()
+        if glob.has_magic(entry):
+            matches = sorted(Path(m) for m in glob.glob(str(expanded)))
+            if not matches:
+                raise UsageError(f"--from {entry}: no file matches this pattern")
+            paths.extend(matches)
+        elif not expanded.is_file():
+            raise UsageError(f"--from {entry}: no such file")
+        else:
+            paths.append(expanded)
+    return paths
+
+
 def _load_rows(sources: str) -> list[dict]:
     rows = []
-    for path in [s.strip() for s in sources.split(",") if s.strip()]:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UsageError(f"--from {path}: no such file")
+    for path in _source_paths(sources):
         try:
-            loaded = json.loads(p.read_text())
+            loaded = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UsageError(f"--from {path}: not valid JSON ({err.msg})") from None
         if not isinstance(loaded, list) or not all(
                 isinstance(r, dict) and {"size_bytes", "algorithm", "world_size", "time_us"} <= r.keys() for r in loaded):
             raise UsageError(f"--from {path}: expected the row list written by 'python -m mpilm.bench allreduce --json'")
         rows.extend(r for r in loaded if r["world_size"] > 1 and r["time_us"] > 0)
-    return rows
+    return merge_repeats(rows)
+
+
+def merge_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (algorithm, world size, message size): the median time of its repeats.
+
+    On a shared machine a whole run can be slowed by something else running; the median of a
+    few runs ignores such a run, where fitting every repeat would pull alpha and beta up."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["algorithm"], r["world_size"], r["size_bytes"]), []).append(r)
+    return [dict(repeats[0], time_us=statistics.median(r["time_us"] for r in repeats), repeats=len(repeats))
+            for repeats in groups.values()]
 
 
 def _workload(args) -> dict:
@@ -242,14 +293,23 @@ def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | N
                           key=lambda r: r["size_bytes"])
             points = []
             for r in mine:
-                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta) * 1e6 * contention(p, cores)
+                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta, cores) * 1e6
                 points.append({"size_bytes": r["size_bytes"], "measured_us": r["time_us"], "predicted_us": predicted,
-                               "rel_error": (predicted - r["time_us"]) / r["time_us"]})
+                               "rel_error": (predicted - r["time_us"]) / r["time_us"], "repeats": r.get("repeats", 1)})
             errors = [abs(q["rel_error"]) for q in points]
-            out.append({"algorithm": algorithm, "world_size": p, "in_fit": p in fit_np,
-                        "contention": contention(p, cores), "points": points,
+            out.append({"algorithm": algorithm, "world_size": p, "in_fit": p in fit_np, "points": points,
                         "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)})
     return out
+
+
+def _fit_all(rows: list[dict], fit_np: set[int], cores: int | None) -> dict:
+    """(alpha, beta) per measured algorithm that has two message sizes at the fitted world sizes."""
+    fits = {}
+    for algorithm in FITTED_SHAPES:
+        mine = [r for r in rows if r["algorithm"] == algorithm and r["world_size"] in fit_np]
+        if len({r["size_bytes"] for r in mine}) >= 2:
+            fits[algorithm] = fit(mine, algorithm, cores)
+    return fits
 
 
 def _predictions(work: dict, params: dict, density: float, max_np: int) -> list[dict]:
@@ -354,15 +414,14 @@ def run(args) -> dict:
     else:
         fit_np = set(measured_np)
 
-    fits = {}
-    for algorithm in FITTED_SHAPES:
-        mine = [r for r in rows if r["algorithm"] == algorithm and r["world_size"] in fit_np]
-        if len({r["size_bytes"] for r in mine}) >= 2:
-            fits[algorithm] = fit(mine, algorithm, args.cores)
+    fits = _fit_all(rows, fit_np, args.cores)
     if rows and not fits:
         raise UsageError(f"--from {args.sources}: no algorithm among {','.join(FITTED_SHAPES)} has two message sizes "
                          f"at world sizes {sorted(fit_np)} to fit")
     validation = _validation(rows, fits, fit_np, args.cores)
+    # with --cores, the plain model (fitted and checked without it) is shown beside: what the correction buys
+    fits_plain = _fit_all(rows, fit_np, None) if args.cores else fits
+    validation_plain = _validation(rows, fits_plain, fit_np, None) if args.cores else validation
 
     # the link model each predicted algorithm uses: its own fit, top-k the ring's, or the given network
     fallback = fits.get("ring") or fits.get("rhd") or next(iter(fits.values()), (0.0, 0.0))
@@ -378,16 +437,19 @@ def run(args) -> dict:
         f"{_mib(work['bucket_bytes'])}, top-k density {args.topk_density:g}")
     if fits:
         say(f"# fit on world sizes {sorted(fit_np)} from {args.sources}"
-            + (f"; {args.cores} cores shared by the measured ranks (contention max(1, p/{args.cores}))" if args.cores else ""))
+            + (f"; {args.cores} cores shared by the measured ranks: a step with b busy ranks takes ceil(b/{args.cores}) "
+               "times as long" if args.cores else ""))
         say(f"{'algorithm':<10}{'alpha us':>10}{'GB/s (1/beta)':>15}")
         for algorithm, (alpha, beta) in fits.items():
             say(f"{algorithm:<10}{alpha * 1e6:>10.2f}{(1 / beta / 1e9 if beta else math.inf):>15.3f}")
     if validation:
         say(f"# validation: predicted vs measured allreduce time over all message sizes (target within {TARGET_ERROR:.0%})")
-        say(f"{'algorithm':<10}{'N':>4}{'':>10}{'points':>8}{'median |err|':>14}{'max |err|':>11}")
-        for v in validation:
+        plain_header = f"{'plain median':>14}" if args.cores else ""
+        say(f"{'algorithm':<10}{'N':>4}{'':>10}{'points':>8}{'median |err|':>14}{'max |err|':>11}{plain_header}")
+        for v, plain in zip(validation, validation_plain):
+            plain_cell = f"{plain['median_abs_error']:>14.1%}" if args.cores else ""
             say(f"{v['algorithm']:<10}{v['world_size']:>4}{'fitted' if v['in_fit'] else 'held out':>10}"
-                f"{len(v['points']):>8}{v['median_abs_error']:>14.1%}{v['max_abs_error']:>11.1%}")
+                f"{len(v['points']):>8}{v['median_abs_error']:>14.1%}{v['max_abs_error']:>11.1%}{plain_cell}")
     if alpha_override is not None or beta_override is not None:
         say(f"# network given: alpha {(alpha_override or 0) * 1e6:.2f} us, "
             f"{(1 / beta_override / 1e9) if beta_override else float('nan'):.2f} GB/s"
@@ -406,6 +468,9 @@ def run(args) -> dict:
               "fits": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in fits.items()},
               "link_model": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in params.items()},
               "validation": validation, "predictions": predictions, "wins": wins}
+    if args.cores:
+        result["plain"] = {"fits": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in fits_plain.items()},
+                           "validation": validation_plain}
     if world.rank() == 0:
         if args.json_path:
             Path(args.json_path).expanduser().write_text(json.dumps(result, indent=1) + "\n")
