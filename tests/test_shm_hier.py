@@ -120,6 +120,36 @@ def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype, protocol, pat
             _assert_identical_on(node, x, what)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_shm_native_and_python_paths_give_the_same_bytes(monkeypatch, dtype, shared):
+    """Same summation order in C++ and Python, whatever the protocol and however many rounds."""
+    from mpilm import kernels
+    from mpilm.comm import shm
+
+    comm = _world()
+    if comm.Get_size() < 2 or kernels.load() is None:
+        pytest.skip("needs two ranks and the C++ kernels")
+    monkeypatch.setattr(shm, "ROUND_BYTES", 1000)  # many rounds, pieces not aligned to anything
+    lengths = [1, 1009, 2**16 + 3]
+    memory = shm.alloc_shared_buffer(max(lengths), dtype, comm) if shared else None
+    for oneshot_bytes in (-1, 1 << 40):
+        monkeypatch.setattr(shm, "ONESHOT_BYTES", oneshot_bytes)
+        for seed, n in enumerate(lengths):
+            results = []
+            for native in (True, False):
+                monkeypatch.setattr(shm, "NATIVE", native)  # the same on every rank
+                x = memory[:n] if shared else torch.empty(n, dtype=dtype)
+                x.copy_(_input(n, dtype, seed, comm.Get_rank()))
+                shm.allreduce(x, comm, op="avg")
+                results.append(x.clone())
+            what = f"n={n} {dtype} oneshot_bytes={oneshot_bytes}"
+            assert torch.equal(results[0].view(torch.uint8), results[1].view(torch.uint8)), what
+            _assert_identical_on(comm, results[0], what)
+    if shared:
+        shm.free_shared_buffer(memory, comm)
+
+
 @pytest.mark.parametrize("protocol", ["one-shot", "two-shot"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype, protocol, path):
@@ -127,6 +157,7 @@ def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype, protocol, p
     from mpilm.comm import shm
 
     monkeypatch.setattr(shm, "REDUCE_BLOCK", 257)  # the same on every rank
+    monkeypatch.setattr(shm, "ROUND_BYTES", 4096)  # and rounds of the C++ pull
     _protocol(monkeypatch, protocol)
     comm = _world()
     everyone = list(range(comm.Get_size()))

@@ -3,47 +3,49 @@
 How one call works, for the p ranks of one node (``world.node_comm(comm)``; fake nodes from
 ``MPILM_RANKS_PER_NODE`` are honoured):
 
-1. a rank whose buffer is ordinary private memory copies the slices its peers will read into its
+1. a rank whose buffer is ordinary private memory copies what its peers will read into its
    segment of a persistent shared *scratch* window (nothing to copy when the buffer already lies
    in a shared window: see ``alloc_shared_buffer``); it describes the call (kind, length, dtype,
    where its input lies) in a small shared *control block* and arrives at sync 1. A mismatch
    between ranks' calls raises ValueError on every rank instead of corrupting data or hanging;
-2. rank i reduces slice i (``shard_bounds(n, p, i)``) straight from its peers' memory (plain
-   loads from their segments) into its own buffer, block by block: sum (fp32 accumulation for
-   float16 and bfloat16), divide by p for ``avg`` and, for a private buffer, copy the block to
-   its scratch segment for the peers, all while the block is in cache; arrives at sync 2;
-3. every rank copies the p-1 reduced slices of its peers into its buffer. When some rank's
-   buffer is a shared buffer, which its owner may write again as soon as the call returns, a
-   sync 3 holds everyone until all peers have read it.
-So a call costs two syncs (``reduce_scatter`` and ``allgather`` one each): the scratch window
-has two halves used by alternate calls, so a rank may start copying in call k+1 while a slow
-peer still copies results out of call k (it can never be two calls behind: it would not have
-passed sync 1 of call k+1).
+2. then, from what every rank published (so all ranks take the same protocol):
+   - push (every input in a shared buffer): rank i reduces slice i (``shard_bounds(n, p, i)``)
+     straight from its peers' memory and writes the result into its own buffer *and* into every
+     peer's, block by block while it is in cache; sync 2 and done: nobody copies anything out;
+   - one-shot (every input private, and at most ``ONESHOT_BYTES`` to read from the peers): every
+     rank sums all whole inputs, in rank order (so every rank gets the same bits), into its own
+     buffer; no second sync;
+   - pull (otherwise, e.g. large private buffers): rank i reduces slice i into its buffer and
+     publishes it in its scratch segment, sync 2, then copies the peers' reduced slices out; a
+     sync 3 when some input is a shared buffer, which its owner may write again on return.
+The scratch window has two halves used by alternate calls, so a rank may start copying in call
+k+1 while a slow peer still reads call k (it can never be two calls behind: it would not have
+passed sync 1 of call k+1). ``reduce_scatter`` and ``allgather`` take the same steps for one half.
 
-Synchronisation uses the window's own primitives: all windows stay in one ``Lock_all`` passive
-epoch, every sync is ``Win.Sync`` (a memory barrier) + an arrival counter in the shared control
-block + ``Win.Sync``, and a rank waits by polling its peers' counters: busy-polling like MPI
-libraries do (handing the GIL to other threads every few microseconds), then yielding the core,
-then sleeping; only briefly busy when the machine runs more of our ranks than it has cores.
-A sync costs about 1.5 us here against 4-9 us for ``MPI_Barrier``.
+Two implementations of that protocol, on the same memory and counters: ``kernels/mpilm_shm.cpp``
+(the whole allreduce in one C++ call, GIL released; built with the other kernels, used when every
+rank of the node has it) and this file's Python (numpy views of the windows; bfloat16, which
+numpy lacks, through torch). Python also runs the halves, ``hier``'s calls, and any call whose
+private input needs a larger scratch window. ``NATIVE = False`` forces Python (tests run both;
+they give the same bits: same summation order, fp32 sums for the half types, divide last).
+
+Synchronisation uses the window's own memory model: all windows stay in one ``Lock_all``
+passive epoch, every sync is a memory fence (``Win.Sync`` / a C++ seq_cst fence) + an arrival
+counter in the shared control block + a fence, and a rank waits by polling its peers' counters:
+busy-polling like MPI libraries do, then yielding the core, then sleeping; only briefly busy
+when the machine runs more of our ranks than it has cores. A sync costs well under a
+microsecond in C++, about 1.2 us in Python, against 2-9 us for ``MPI_Barrier``.
 
 Measured (2 ranks, float32, ``python -m mpilm.bench allreduce``, time ratio against MPICH's
-allreduce; ``docs/figures/allreduce-shm-np2*``): with the caller's private buffer, copied in,
-0.86x at 64 KiB, 1.1-1.2x from 256 KiB to 4 MiB, at par at 16 MiB and 1.8-2.1x from 64 MiB: the
-copy in and the publishing copy cost memory bandwidth that MPICH's single-copy point-to-point
-path does not spend. With the buffer from ``alloc_shared_buffer`` (nothing copied in or
-published) 1.05x at 64 KiB, 1.4x at 256 KiB, 1.9x at 1-4 MiB and 2.5-4x from 16 MiB. About 10 us
-of every call is Python, which is what keeps the smallest sizes at par.
+allreduce; ``docs/figures/allreduce-shm*-np2``): with the buffer from ``alloc_shared_buffer``,
+as training allocates it, MEASURED_SHARED; with the caller's private buffer, copied in,
+MEASURED_PRIVATE: the copy in and the publishing copy cost memory bandwidth that MPICH's own
+path does not spend. The Python path costs about 8 us more per call.
 
 Windows are collective objects, cached per node communicator; the scratch window (2 x the
 largest buffer seen) is reused by every call and replaced by one twice as large (the old one
 freed with ``Win.Free``) only when a larger buffer arrives, so any number of calls of varying
 sizes keep memory bounded. Everything left is freed at interpreter exit while MPI is still up.
-
-Element-wise work goes through numpy views of the window memory for float32/float64/float16:
-at 64 KiB the cost of a call is dominated by per-op overhead, and numpy's slicing and ufunc
-dispatch are 5-10x cheaper than torch's on these CPUs (measured: 0.3 us against 3 us per slice).
-bfloat16, which numpy lacks, takes the same steps with torch ops.
 
 Limits:
 - one node only: a ``comm`` spanning several nodes raises ValueError (use ``hier``);
@@ -80,6 +82,10 @@ REDUCE_BLOCK = 1 << 17  # elements summed, divided and published per pass, while
 # allreduces that read at most this many bytes of the peers' inputs (n x element size x (p-1))
 # go one-shot: every rank sums every whole input, one sync instead of two (measured crossover)
 ONESHOT_BYTES = 64 << 10
+# large allreduces of private buffers go in rounds of this much of each slice in C++ (copy in,
+# reduce, publish, sync, copy out), so what a rank copied in is still in its cache (L2) when a
+# peer reads it
+ROUND_BYTES = 256 << 10
 NATIVE = True  # allreduces through kernels/mpilm_shm.cpp when built; False: Python (same on every rank)
 # Waiting for a peer: busy-poll (as MPI libraries do; giving the core away costs a scheduler
 # time slice whenever anything else is runnable) for SPIN_BUSY_S, then poll with os.sched_yield
@@ -389,7 +395,7 @@ class _NodeGroup:
             # Python path on every rank (capacities are equal), which grows it
             window, offset = mine if mine is not None else (_SCRATCH, 0)
             code = self.native.shm_allreduce(buf.data_ptr(), n, _DTYPE_CODES[dtype], divisor, shape.signature,
-                                             window, offset, ONESHOT_BYTES, self.ctx_address)
+                                             window, offset, ONESHOT_BYTES, ROUND_BYTES, self.ctx_address)
             if code == _NATIVE_DONE:
                 return buf
             if code != _NATIVE_GROW:
