@@ -357,8 +357,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shm_allreduce", &mpilm::shm_allreduce,
         "shared-memory allreduce of one buffer on one node (the whole protocol of shm.py)",
         py::arg("buf_address"), py::arg("n"), py::arg("dtype_code"), py::arg("divisor"), py::arg("signature"),
-        py::arg("my_window"), py::arg("my_offset"), py::arg("oneshot_bytes"), py::arg("round_bytes"),
-        py::arg("context_address"),
+        py::arg("my_window"), py::arg("my_offset"), py::arg("oneshot_bytes"), py::arg("context_address"),
         py::call_guard<py::gil_scoped_release>());
   m.def("shm_context_words", &mpilm::shm_context_words, "length of the int64 context shm_allreduce reads");
 }

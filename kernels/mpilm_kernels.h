@@ -84,8 +84,7 @@ constexpr int64_t kShmUnknownWindow = 2;  // a rank named a window this rank doe
 constexpr int64_t kShmBadDtype = 3;       // nothing was done
 constexpr int64_t kShmGrow = 4;           // past sync 1, a peer must grow the scratch: Python goes on
 int64_t shm_allreduce(int64_t buf_address, int64_t n, int64_t dtype_code, int64_t divisor, int64_t signature,
-                      int64_t my_window, int64_t my_offset, int64_t oneshot_bytes, int64_t round_bytes,
-                      int64_t context_address);
+                      int64_t my_window, int64_t my_offset, int64_t oneshot_bytes, int64_t context_address);
 int64_t shm_context_words();
 
 }  // namespace mpilm

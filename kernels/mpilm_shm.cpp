@@ -8,11 +8,7 @@
 //             into mine and every peer's, sync 2;
 //   one-shot  (small, every input private): sum every whole input in rank order, no more syncs;
 //   pull      (otherwise): reduce my slice, publish it in scratch, sync 2, copy the peers' slices
-//             out of their memory, and sync 3 when some input is a shared buffer. With every input
-//             private this goes in rounds of round_bytes of each slice (copy in, reduce, publish,
-//             one sync, copy out), so the data a rank wrote is still in its cache when a peer
-//             reads it: 1.4x faster at 16 MiB here. A mixed call copies the rest of its input in
-//             and syncs once more before the one-round pull.
+//             out of their memory, and sync 3 when some input is a shared buffer.
 // Sums run in the order shm.py uses (my slice first, then the peers in rank order; one-shot: rank
 // order), in float for float16/bfloat16, and divide last, so both paths give the same bits.
 //
@@ -130,7 +126,7 @@ void reduce(T* out, const std::vector<const T*>& parts, int64_t m, int64_t divis
 
 template <typename T>
 int64_t run(T* buf, int64_t n, int64_t divisor, int64_t signature, int64_t my_window, int64_t my_offset,
-            int64_t oneshot_bytes, int64_t round_bytes, int64_t* ctx) {
+            int64_t oneshot_bytes, int64_t* ctx) {
   auto* slots = reinterpret_cast<int64_t*>(ctx[kSlots]);
   const auto* bases = reinterpret_cast<const int64_t*>(ctx[kBases]);
   const int64_t me = ctx[kMe], p = ctx[kRanks], rows = ctx[kBaseRows];
@@ -141,31 +137,14 @@ int64_t run(T* buf, int64_t n, int64_t divisor, int64_t signature, int64_t my_wi
   auto lo_of = [&](int64_t q) { return q * n / p; };
   const int64_t lo = lo_of(me), hi = lo_of(me + 1);
 
-  // Large private inputs go round by round: round r covers piece r (round_bytes) of every rank's
-  // slice, so what a rank copies in is still in its cache when the peer reads it. Every element
-  // keeps its owner and its summation order, so the result is the same as in one round.
-  const int64_t round_elements = std::max<int64_t>(1, round_bytes / esize);  // shm.py's ROUND_BYTES
-  const int64_t longest_slice = (n + p - 1) / p;
-  const int64_t rounds = std::max<int64_t>(1, (longest_slice + round_elements - 1) / round_elements);
-  auto piece = [&](int64_t q, int64_t r) {  // [start, stop) of round r's piece of slice q
-    const int64_t start = std::min(lo_of(q) + r * round_elements, lo_of(q + 1));
-    return std::make_pair(start, std::min(start + round_elements, lo_of(q + 1)));
-  };
-  T* scratch = nullptr;
-  auto copy_in_round = [&](int64_t r) {  // the pieces of round r that the peers reduce
-    for (int64_t q = 0; q < p; ++q) {
-      if (q == me) continue;
-      const auto [start, stop] = piece(q, r);
-      std::memcpy(scratch + start, buf + start, (stop - start) * esize);
-    }
-  };
   if (my_window == kScratch) {  // private input: copy what the peers read into my scratch half
     my_offset = parity * half_elements;
-    scratch = reinterpret_cast<T*>(bases[me]) + my_offset;
+    T* target = reinterpret_cast<T*>(bases[me]) + my_offset;
     if (small) {
-      std::memcpy(scratch, buf, n * esize);
+      std::memcpy(target, buf, n * esize);
     } else {
-      copy_in_round(0);
+      std::memcpy(target, buf, lo * esize);
+      std::memcpy(target + hi, buf + hi, (n - hi) * esize);
     }
   }
   const int64_t description = me * kSlotWords + kDescriptionBase[parity];
@@ -193,27 +172,6 @@ int64_t run(T* buf, int64_t n, int64_t divisor, int64_t signature, int64_t my_wi
     reduce<T>(buf, parts, n, divisor, {});
     return kShmDone;  // the scratch halves stay put until the peers pass sync 1 of their next call
   }
-  if (all_private) {  // pull, round by round: one sync per round, none at the end
-    for (int64_t r = 0; r < rounds; ++r) {
-      const auto [start, stop] = piece(me, r);
-      std::vector<const T*> parts = {buf + start};
-      for (int64_t q = 0; q < p; ++q)
-        if (q != me) parts.push_back(input[q] + start);
-      if (stop > start) reduce<T>(buf + start, parts, stop - start, divisor, {scratch + start});
-      if (r + 1 < rounds) copy_in_round(r + 1);
-      arrive_and_wait(ctx);  // round r reduced and published, round r + 1 copied in, on every rank
-      for (int64_t q = 0; q < p; ++q) {
-        if (q == me) continue;
-        const auto [q_start, q_stop] = piece(q, r);
-        std::memcpy(buf + q_start, input[q] + q_start, (q_stop - q_start) * esize);
-      }
-    }
-    return kShmDone;  // the scratch halves stay put until the peers pass sync 1 of their next call
-  }
-  if (my_window == kScratch) {  // a mixed call: the shared peers read my whole input now
-    for (int64_t r = 1; r < rounds; ++r) copy_in_round(r);
-  }
-  if (!all_shared) arrive_and_wait(ctx);  // sync 1b: every private input copied in
   std::vector<const T*> parts = {buf + lo};
   std::vector<T*> publish;
   for (int64_t q = 0; q < p; ++q) {
@@ -237,15 +195,14 @@ int64_t run(T* buf, int64_t n, int64_t divisor, int64_t signature, int64_t my_wi
 }  // namespace
 
 int64_t shm_allreduce(int64_t buf_address, int64_t n, int64_t dtype_code, int64_t divisor, int64_t signature,
-                      int64_t my_window, int64_t my_offset, int64_t oneshot_bytes, int64_t round_bytes,
-                      int64_t context_address) {
+                      int64_t my_window, int64_t my_offset, int64_t oneshot_bytes, int64_t context_address) {
   auto* ctx = reinterpret_cast<int64_t*>(context_address);
   void* buf = reinterpret_cast<void*>(buf_address);
   switch (dtype_code) {  // shm.py's _DTYPE_CODES
-    case 1: return run(static_cast<float*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, round_bytes, ctx);
-    case 2: return run(static_cast<double*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, round_bytes, ctx);
-    case 3: return run(static_cast<c10::Half*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, round_bytes, ctx);
-    case 4: return run(static_cast<c10::BFloat16*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, round_bytes, ctx);
+    case 1: return run(static_cast<float*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, ctx);
+    case 2: return run(static_cast<double*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, ctx);
+    case 3: return run(static_cast<c10::Half*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, ctx);
+    case 4: return run(static_cast<c10::BFloat16*>(buf), n, divisor, signature, my_window, my_offset, oneshot_bytes, ctx);
     default: return kShmBadDtype;  // checked before anything was published: nobody waits
   }
 }

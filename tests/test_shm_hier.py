@@ -123,14 +123,13 @@ def test_shm_matches_reference(monkeypatch, ranks_per_node, dtype, protocol, pat
 @pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_shm_native_and_python_paths_give_the_same_bytes(monkeypatch, dtype, shared):
-    """Same summation order in C++ and Python, whatever the protocol and however many rounds."""
+    """Same summation order in C++ and Python, whatever the protocol."""
     from mpilm import kernels
     from mpilm.comm import shm
 
     comm = _world()
     if comm.Get_size() < 2 or kernels.load() is None:
         pytest.skip("needs two ranks and the C++ kernels")
-    monkeypatch.setattr(shm, "ROUND_BYTES", 1000)  # many rounds, pieces not aligned to anything
     lengths = [1, 1009, 2**16 + 3]
     memory = shm.alloc_shared_buffer(max(lengths), dtype, comm) if shared else None
     for oneshot_bytes in (-1, 1 << 40):
@@ -157,7 +156,6 @@ def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype, protocol, p
     from mpilm.comm import shm
 
     monkeypatch.setattr(shm, "REDUCE_BLOCK", 257)  # the same on every rank
-    monkeypatch.setattr(shm, "ROUND_BYTES", 4096)  # and rounds of the C++ pull
     _protocol(monkeypatch, protocol)
     comm = _world()
     everyone = list(range(comm.Get_size()))

@@ -82,10 +82,6 @@ REDUCE_BLOCK = 1 << 17  # elements summed, divided and published per pass, while
 # allreduces that read at most this many bytes of the peers' inputs (n x element size x (p-1))
 # go one-shot: every rank sums every whole input, one sync instead of two (measured crossover)
 ONESHOT_BYTES = 64 << 10
-# large allreduces of private buffers go in rounds of this much of each slice in C++ (copy in,
-# reduce, publish, sync, copy out), so what a rank copied in is still in its cache (L2) when a
-# peer reads it
-ROUND_BYTES = 256 << 10
 NATIVE = True  # allreduces through kernels/mpilm_shm.cpp when built; False: Python (same on every rank)
 # Waiting for a peer: busy-poll (as MPI libraries do; giving the core away costs a scheduler
 # time slice whenever anything else is runnable) for SPIN_BUSY_S, then poll with os.sched_yield
@@ -395,7 +391,7 @@ class _NodeGroup:
             # Python path on every rank (capacities are equal), which grows it
             window, offset = mine if mine is not None else (_SCRATCH, 0)
             code = self.native.shm_allreduce(buf.data_ptr(), n, _DTYPE_CODES[dtype], divisor, shape.signature,
-                                             window, offset, ONESHOT_BYTES, ROUND_BYTES, self.ctx_address)
+                                             window, offset, ONESHOT_BYTES, self.ctx_address)
             if code == _NATIVE_DONE:
                 return buf
             if code != _NATIVE_GROW:
