@@ -115,13 +115,18 @@ def test_ddp_bench_rejects_dropout_and_unknown_algorithms(capsys):
 ALPHA_BETA = {"ring": (5e-6, 1 / 5e9), "rhd": (4e-6, 1 / 4.5e9), "tree": (3e-6, 1 / 4e9), "mpi": (2e-6, 1 / 6e9)}
 
 
-def synthetic_rows(world_sizes=(2, 3, 4), cores=None):
-    """bench allreduce rows that follow the model exactly (with ``cores``: ranks sharing that many cores)."""
+SWITCH = {"ring": 20e-6, "rhd": 15e-6, "tree": 10e-6, "mpi": 5e-6}  # seconds per core switch
+
+
+def synthetic_rows(world_sizes=(2, 3, 4), cores=None, switch=False):
+    """bench allreduce rows that follow the model exactly (with ``cores``: ranks sharing that many
+    cores, and with ``switch`` paying SWITCH per core switch)."""
     rows = []
     for p in world_sizes:
         for algorithm, (alpha, beta) in ALPHA_BETA.items():
             for size in (4096 * 4**k for k in range(7)):
-                seconds = cost_model.predict_seconds(algorithm, p, size, alpha, beta, cores)
+                seconds = cost_model.predict_seconds(algorithm, p, size, alpha, beta, cores,
+                                                     SWITCH[algorithm] if switch else 0.0)
                 rows.append({"size_bytes": size, "count": size // 4, "dtype": "float32", "algorithm": algorithm,
                              "world_size": p, "time_us": seconds * 1e6, "algbw_gbps": 0.0, "busbw_gbps": 0.0})
     return rows
@@ -199,43 +204,70 @@ def test_model_fits_on_two_ranks_and_predicts_three_and_four(tmp_path, capsys):
     assert doc["wins"] and (tmp_path / "model.png").stat().st_size > 0
 
 
-def test_contention_is_the_most_loaded_core():
-    assert [cost_model.contention(busy, 2) for busy in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
-    assert cost_model.contention(8, None) == 1 and cost_model.contention(8, 8) == 1
+def test_contention_is_the_busy_ranks_on_the_fullest_core():
+    # a core per rank, or every rank busy: ceil(busy / cores)
+    assert cost_model.contention(2, 2, 2) == 1 and cost_model.contention(8, 8, None) == 1
+    assert cost_model.contention(3, 3, 2) == 2 and cost_model.contention(4, 4, 2) == 2
+    assert cost_model.contention(5, 5, 2) == 3 and cost_model.contention(2, 2, 1) == 2
+    # 2 busy of 3 ranks on 2 cores: the pair that shares a core is the busy pair 1 time in 3
+    assert cost_model.contention(3, 2, 2) == pytest.approx(1 / 3 * 2 + 2 / 3 * 1)
+    # 4 busy of 5 on cores of 3 and 2 ranks: max 3 (prob 2/5), else 2
+    assert cost_model.contention(5, 4, 2) == pytest.approx(2 / 5 * 3 + 3 / 5 * 2)
+    assert cost_model.contention(5, 1, 2) == 1
+
+
+def test_shared_terms_stretch_each_phase_and_count_switches():
     n = 1000.0
-    # every step of a 3-rank ring has 3 busy ranks: on 2 cores one core runs two of them
-    assert cost_model.cost_terms("ring", 3, n, cores=2) == (8, 8000 / 3)
-    # a 3-rank tree never has more than 2 busy ranks (the folded-out rank waits): no slow-down
-    assert cost_model.cost_terms("tree", 3, n, cores=2) == cost_model.cost_terms("tree", 3, n)
-    # 5 ranks: the fold pair (2 busy) runs at full speed, the 4-rank core at half
-    assert cost_model.cost_terms("rhd", 5, n, cores=2) == (2 + 4 * 2, 2000 + 1500 * 2)
-    assert cost_model.predict_seconds("ring", 4, n, 1e-6, 1e-9, cores=2) == pytest.approx(2 * (6e-6 + 1500e-9))
+    assert cost_model.shared_terms("ring", 4, n, None) == (6, 1500, 0)
+    # every phase of a 4-rank ring has 4 busy ranks: 2 per core, one switch per message
+    assert cost_model.shared_terms("ring", 4, n, 2) == (12, 3000, 6)
+    # a 3-rank tree has 2 busy ranks in each phase: stretched by 4/3
+    a, b, w = cost_model.shared_terms("tree", 3, n, 2)
+    assert (a, b, w) == (pytest.approx(3 * 4 / 3), pytest.approx(3000 * 4 / 3), pytest.approx(3 / 3))
+    # everything on one core: a 2-rank exchange takes twice as long plus a switch per message
+    assert cost_model.shared_terms("rhd", 2, n, 1) == (4, 2000, 2)
+    assert cost_model.predict_seconds("rhd", 2, n, 1e-6, 1e-9, cores=1, switch=3e-6) == pytest.approx(4e-6 + 2e-6 + 6e-6)
 
 
 def test_fit_models_ranks_time_sharing_cores():
-    """Measured on 2 cores, rows made with the contention model: --cores 2 recovers alpha and beta."""
-    rows = synthetic_rows(cores=2)
-    ring = [r for r in rows if r["algorithm"] == "ring"]
-    alpha, beta = cost_model.fit(ring, "ring", cores=2)
+    """Measured on 2 cores, rows made with the contention model: --cores 2 recovers alpha and beta,
+    and rows pinned to one core the switch time."""
+    ring = [r for r in synthetic_rows(cores=2, switch=True) if r["algorithm"] == "ring"]
+    alpha, beta = cost_model.fit(ring, "ring", cores=2, switch=SWITCH["ring"])
     assert (alpha, beta) == (pytest.approx(ALPHA_BETA["ring"][0], rel=1e-6), pytest.approx(ALPHA_BETA["ring"][1], rel=1e-6))
     assert cost_model.fit(ring, "ring")[0] != pytest.approx(alpha, rel=1e-3)  # without it the fit is off
+    pinned = [r for r in synthetic_rows(world_sizes=(2,), cores=1, switch=True) if r["algorithm"] == "ring"]
+    assert cost_model.fit_switch(pinned, "ring", alpha, beta) == pytest.approx(SWITCH["ring"], rel=1e-6)
+    unpinned = [r for r in synthetic_rows(world_sizes=(2,)) if r["algorithm"] == "ring"]
+    assert cost_model.fit_switch(unpinned, "ring", alpha, beta) == 0  # not slower than 2 x a core each: no switch
 
 
 def test_model_with_cores_shows_the_plain_model_beside(tmp_path, capsys):
     src = tmp_path / "allreduce.json"
-    src.write_text(json.dumps(synthetic_rows(cores=2)))
+    src.write_text(json.dumps(synthetic_rows(cores=2, switch=True)))
+    pinned = tmp_path / "allreduce-one-core.json"
+    pinned.write_text(json.dumps(synthetic_rows(world_sizes=(2,), cores=1, switch=True)))
     out = tmp_path / "model.json"
-    status, stdout, _ = bench(["model", "--from", str(src), "--fit-np", "2", "--cores", "2", "--compute-ms", "40",
+    status, stdout, _ = bench(["model", "--from", str(src), "--fit-np", "2", "--cores", "2",
+                               "--shared-core-from", str(pinned), "--compute-ms", "40",
                                "--grad-bytes", "4M", "--max-np", "8", "--json", str(out)], capsys)
-    assert status == 0 and "plain median" in stdout and "ceil(b/2)" in stdout
+    assert status == 0 and "plain median" in stdout and "switch us" in stdout
     doc = json.loads(out.read_text())
     assert doc["cores"] == 2
+    for algorithm, switch in SWITCH.items():
+        assert doc["fits"][algorithm]["switch_s"] == pytest.approx(switch, rel=1e-6)
     assert all(v["max_abs_error"] < 1e-6 for v in doc["validation"])  # the rows follow the corrected model
     plain = {(v["algorithm"], v["world_size"]): v["median_abs_error"] for v in doc["plain"]["validation"]}
     assert plain[("ring", 2)] < 1e-6 and plain[("ring", 3)] > 0.4  # plain: fits np 2, misses the shared cores
-    assert plain[("tree", 3)] < 1e-6  # never more than 2 busy ranks: nothing to correct
-    status, _, err = bench(["model", "--from", str(src), "--cores", "0", "--compute-ms", "40", "--grad-bytes", "4M"], capsys)
-    assert status == 2 and "--cores 0: must be >= 1" in err, err
+    # the predictions assume a core per rank: no contention, no switches
+    ring8 = doc["predictions"][2]["algorithms"]["ring"]
+    alpha, beta = ALPHA_BETA["ring"]
+    assert ring8["comm_ms"] == pytest.approx(cost_model.predict_seconds("ring", 8, 4 * 2**20, alpha, beta) * 1e3, rel=1e-6)
+    for argv, message in ((["--cores", "0"], "--cores 0: must be >= 1"),
+                          (["--shared-core-from", str(pinned)], "pass --from and --cores too"),
+                          (["--cores", "2", "--shared-core-from", str(tmp_path / "none.json")], "no such file")):
+        status, _, err = bench(["model", "--from", str(src), *argv, "--compute-ms", "40", "--grad-bytes", "4M"], capsys)
+        assert status == 2 and message in err, (argv, err)
 
 
 def test_repeated_runs_count_at_their_median(tmp_path, capsys):

@@ -16,15 +16,24 @@ bytes on the algorithm's critical path (p' = largest power of two <= p; "fold" =
    files (repeated runs) counts once, at its median time. ``--fit-np 2`` fits on those world
    sizes only; every other measured world size is then predicted from that fit and the error is
    shown (validation).
-   ``--cores C`` says the measurements ran on one node of C cores (the plain model, which assumes
-   a core per rank, is fitted and shown beside it). Each phase of the algorithm has some busy
-   ranks, those that send, receive or reduce in it: all p in the ring, the 2 rem fold-in pairs
-   and then the p' core ranks in rhd, tree and mpi (the folded-out ranks wait). A phase is
-   synchronous, so it ends when the most loaded core has run its share: with b busy ranks on C
-   cores that core holds ceil(b/C) of them, and the phase's alpha and beta terms are multiplied
-   by ceil(b/C). Waiting ranks are not counted: MPICH busy-polls but gives its core away
-   (sched_yield) every MPIR_CVAR_POLLS_BEFORE_YIELD = 1000 polls. This is used for the fit and the
-   validation only; the predictions below assume a core per rank.
+   ``--cores C`` says the measured ranks shared one node of C cores (the plain model, which
+   assumes a core per rank, is fitted and shown beside). Each phase of an algorithm has busy
+   ranks, those that send, receive or reduce in it: all p in the ring; in rhd, tree and mpi the
+   2 rem fold-in ranks, then the p' core ranks (the folded-out ranks wait). A phase is
+   synchronous, so it ends when the fullest core has run all of its busy ranks one after
+   another. The kernel balances runnable ranks, ceil or floor(p/C) per core, and a waiting
+   MPICH rank is runnable (it polls), so it cannot know which are busy: the busy ranks land on
+   the cores at random, and the phase's alpha and beta terms are multiplied by s = the expected
+   number of busy ranks on the fullest core (exact; s = ceil(p/C) when all are busy, 4/3 for 2
+   busy of 3 ranks on 2 cores). A waiting rank costs its busy core-mate little: MPICH gives the
+   core away (sched_yield) every MPIR_CVAR_POLLS_BEFORE_YIELD = 1000 polls.
+   Ranks that share a core also hand it over for every message, which a core each never pays:
+   ``--shared-core-from`` (rows of ``taskset -c 0 mpirun -np 2 python -m mpilm.bench allreduce
+   --json``, every rank pinned to one core, so s = 2) gives per algorithm the seconds of such a
+   core switch, by least squares on what 2 (a alpha + b beta) leaves unexplained; each phase then
+   adds (s - 1) switches per message. Both are measured at np 2, like the fit, so the validation
+   at other world sizes stays a prediction. Used for the fit and the validation only; the
+   predictions below assume a core per rank.
 2. Predict: with the compute time of one step (``--compute-ms``, or ``--from-summary`` a training
    run's summary.json, which also gives the gradient bytes and bucket size) the step time at N
    ranks is compute + the sum over gradient buckets of the allreduce time (mpilm reduces after
@@ -36,16 +45,20 @@ bytes on the algorithm's critical path (p' = largest power of two <= p; "fold" =
    in training, a bucket whose sparse exchange would move more bytes than the dense ring is
    predicted as the dense ring instead.
 
-Limits: the model has no reduction-compute (gamma) term (it is folded into beta), no contention
-(ranks sharing a node's memory or NIC), no segmentation/pipelining effects, and top-k's selection
-and scatter-add cost is not counted (measure it with ``bench compress``). Oversubscribed
-measurements (more ranks than cores) break its assumptions; the validation table says so by its
-error.
+Limits: the model has no reduction-compute (gamma) term (it is folded into beta), no
+memory or NIC contention between the ranks of a node beyond the shared cores, no
+segmentation/pipelining effects, and alpha is the same for every message of an algorithm, also
+for the fold-in messages that np 2 never sends; top-k's selection and scatter-add cost is not
+counted (measure it with ``bench compress``). The core-sharing correction is an average over
+where the kernel happens to place the ranks, and a time slice (milliseconds) that runs out
+mid-phase is not modelled: oversubscribed measurements are noisy, so repeat them and pass every
+run to ``--from``. The validation table says how far off it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -117,33 +130,62 @@ def cost_phases(algorithm: str, p: int, n: float) -> list[tuple[float, float, in
     raise ValueError(f"no cost formula for algorithm {algorithm!r}")
 
 
-def contention(busy: int, cores: int | None) -> int:
-    """How many times longer a step with ``busy`` ranks takes on ``cores`` cores (None: a core each).
+@functools.lru_cache(maxsize=None)
+def contention(p: int, busy: int, cores: int | None) -> float:
+    """How many times longer a phase with ``busy`` of its p ranks takes on ``cores`` cores.
 
-    A synchronous step ends when its slowest rank does, and the most loaded core has to run
-    ceil(busy / cores) of the busy ranks one after another."""
-    return max(1, math.ceil(busy / cores)) if cores else 1
+    A phase is synchronous: it ends when the most loaded core has run all of its busy ranks. The
+    kernel balances the p runnable ranks (an MPICH rank waiting for a message polls, so it is
+    runnable too) to ceil or floor p/cores per core, blind to which ranks are busy, so the busy
+    ones land on the cores at random; the slow-down is the expected number of busy ranks on the
+    fullest core: E[max] = sum over m >= 0 of P(max > m), counted exactly. None: a core per rank."""
+    if not cores or p <= cores or busy <= 1:
+        return 1.0
+    slots = [p // cores + (1 if c < p % cores else 0) for c in range(cores)]  # ranks per core
+    placements = math.comb(p, busy)
+    expected = 0.0
+    for most in range(busy):
+        # ways to place the busy ranks with at most `most` on every core, core by core
+        ways = [1] + [0] * busy
+        for size in slots:
+            ways = [sum(ways[k - j] * math.comb(size, j) for j in range(min(most, size, k) + 1)) for k in range(busy + 1)]
+        expected += 1 - ways[busy] / placements
+    return expected
 
 
-def cost_terms(algorithm: str, p: int, n: float, cores: int | None = None) -> tuple[float, float]:
-    """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks, each
-    phase stretched by ``contention`` when the ranks share ``cores`` cores."""
+def cost_terms(algorithm: str, p: int, n: float) -> tuple[float, float]:
+    """(messages, bytes) on the critical path of one allreduce of n bytes over p ranks, a core each."""
     phases = cost_phases(algorithm, p, n)
-    return (sum(m * contention(busy, cores) for m, _, busy in phases),
-            sum(b * contention(busy, cores) for _, b, busy in phases))
+    return sum(m for m, _, _ in phases), sum(b for _, b, _ in phases)
 
 
-def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float, cores: int | None = None) -> float:
-    a, b = cost_terms(algorithm, p, n, cores)
-    return a * alpha + b * beta
+def shared_terms(algorithm: str, p: int, n: float, cores: int | None) -> tuple[float, float, float]:
+    """(messages, bytes, switches) when the p ranks share ``cores`` cores: each phase's messages and
+    bytes times its ``contention`` s, and (s - 1) core switches per message (a message to a rank
+    that waits behind a busy one on its core arrives after that rank gives the core away)."""
+    terms = [0.0, 0.0, 0.0]
+    for m, b, busy in cost_phases(algorithm, p, n):
+        stretch = contention(p, busy, cores)
+        terms[0] += m * stretch
+        terms[1] += b * stretch
+        terms[2] += m * (stretch - 1)
+    return terms[0], terms[1], terms[2]
 
 
-def fit(rows: list[dict], algorithm: str, cores: int | None = None) -> tuple[float, float]:
+def predict_seconds(algorithm: str, p: int, n: float, alpha: float, beta: float,
+                    cores: int | None = None, switch: float = 0.0) -> float:
+    """Allreduce time: alpha per message, beta per byte, ``switch`` seconds per core switch."""
+    a, b, w = shared_terms(algorithm, p, n, cores)
+    return a * alpha + b * beta + w * switch
+
+
+def fit(rows: list[dict], algorithm: str, cores: int | None = None, switch: float = 0.0) -> tuple[float, float]:
     """Non-negative (alpha, beta) minimising the squared *relative* error over ``rows``."""
-    terms = np.array([cost_terms(algorithm, r["world_size"], r["size_bytes"], cores) for r in rows])
+    shared = np.array([shared_terms(algorithm, r["world_size"], r["size_bytes"], cores) for r in rows])
+    terms, switches = shared[:, :2], shared[:, 2]
     times = np.array([r["time_us"] * 1e-6 for r in rows])
     design = terms / times[:, None]  # divide each equation by its measurement: relative error
-    target = np.ones(len(rows))
+    target = 1 - switches * switch / times  # the switch time is known: fit what is left
     solution = np.linalg.lstsq(design, target, rcond=None)[0]
     if (solution >= 0).all():
         return float(solution[0]), float(solution[1])
@@ -157,6 +199,17 @@ def fit(rows: list[dict], algorithm: str, cores: int | None = None) -> tuple[flo
             best = (residual, keep, value)
     _, keep, value = best
     return (value, 0.0) if keep == 0 else (0.0, value)
+
+
+def fit_switch(rows: list[dict], algorithm: str, alpha: float, beta: float) -> float:
+    """Seconds per core switch (>= 0), from ``rows`` measured with every rank pinned to one core,
+    given the (alpha, beta) fitted with a core per rank: least squares on the relative error."""
+    pinned = [(r["time_us"] * 1e-6, *shared_terms(algorithm, r["world_size"], r["size_bytes"], 1)) for r in rows]
+    known = np.array([(a * alpha + b * beta) / t for t, a, b, _ in pinned])  # what alpha and beta explain
+    per_switch = np.array([w / t for t, _, _, w in pinned])
+    if not per_switch.any():
+        return 0.0
+    return max(0.0, float(per_switch @ (1 - known) / (per_switch @ per_switch)))
 
 
 def bucket_sizes(gradient_bytes: int, bucket_bytes: int) -> list[int]:
@@ -188,9 +241,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit on these world sizes only (comma-separated); the others are predicted and checked "
                              "(default: all measured)")
     parser.add_argument("--cores", type=int, default=None,
-                        help="the measured ranks shared one node of this many cores: a step with b busy ranks takes "
-                             "ceil(b/cores) times as long (fit and validation; the plain model is shown beside it; "
+                        help="the measured ranks shared one node of this many cores: each phase takes as long as its "
+                             "busy ranks on the fullest core (fit and validation; the plain model is shown beside it; "
                              "default: not modelled)")
+    parser.add_argument("--shared-core-from", default=None,
+                        help="with --cores: bench allreduce JSON file(s) measured with every rank pinned to one core "
+                             "(taskset -c 0 mpirun -np 2 ...); they give the time of a core switch per algorithm")
     parser.add_argument("--compute-ms", type=float, default=None, help="compute time of one training step (ms)")
     parser.add_argument("--from-summary", default=None,
                         help="a training run's summary.json: compute time per step, gradient bytes (and bucket size "
@@ -205,7 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="write predicted efficiency vs N and predicted-vs-measured to this PNG")
 
 
-def _source_paths(sources: str) -> list[Path]:
+def _source_paths(sources: str, option: str) -> list[Path]:
     """``--from`` entries, comma-separated, each a path or a glob pattern, in a stable order."""
     paths = []
     for entry in [s.strip() for s in sources.split(",") if s.strip()]:
@@ -213,25 +269,25 @@ def _source_paths(sources: str) -> list[Path]:
         if glob.has_magic(entry):
             matches = sorted(Path(m) for m in glob.glob(str(expanded)))
             if not matches:
-                raise UsageError(f"--from {entry}: no file matches this pattern")
+                raise UsageError(f"{option} {entry}: no file matches this pattern")
             paths.extend(matches)
         elif not expanded.is_file():
-            raise UsageError(f"--from {entry}: no such file")
+            raise UsageError(f"{option} {entry}: no such file")
         else:
             paths.append(expanded)
     return paths
 
 
-def _load_rows(sources: str) -> list[dict]:
+def _load_rows(sources: str, option: str = "--from") -> list[dict]:
     rows = []
-    for path in _source_paths(sources):
+    for path in _source_paths(sources, option):
         try:
             loaded = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise UsageError(f"--from {path}: not valid JSON ({err.msg})") from None
+            raise UsageError(f"{option} {path}: not valid JSON ({err.msg})") from None
         if not isinstance(loaded, list) or not all(
                 isinstance(r, dict) and {"size_bytes", "algorithm", "world_size", "time_us"} <= r.keys() for r in loaded):
-            raise UsageError(f"--from {path}: expected the row list written by 'python -m mpilm.bench allreduce --json'")
+            raise UsageError(f"{option} {path}: expected the row list written by 'python -m mpilm.bench allreduce --json'")
         rows.extend(r for r in loaded if r["world_size"] > 1 and r["time_us"] > 0)
     return merge_repeats(rows)
 
@@ -284,7 +340,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"
 
 
-def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | None) -> list[dict]:
+def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | None, switches: dict) -> list[dict]:
     """Per algorithm and world size: predicted vs measured, relative errors."""
     out = []
     for algorithm, (alpha, beta) in params.items():
@@ -293,7 +349,8 @@ def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | N
                           key=lambda r: r["size_bytes"])
             points = []
             for r in mine:
-                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta, cores) * 1e6
+                predicted = predict_seconds(algorithm, p, r["size_bytes"], alpha, beta, cores,
+                                            switches.get(algorithm, 0.0)) * 1e6
                 points.append({"size_bytes": r["size_bytes"], "measured_us": r["time_us"], "predicted_us": predicted,
                                "rel_error": (predicted - r["time_us"]) / r["time_us"], "repeats": r.get("repeats", 1)})
             errors = [abs(q["rel_error"]) for q in points]
@@ -302,14 +359,22 @@ def _validation(rows: list[dict], params: dict, fit_np: set[int], cores: int | N
     return out
 
 
-def _fit_all(rows: list[dict], fit_np: set[int], cores: int | None) -> dict:
-    """(alpha, beta) per measured algorithm that has two message sizes at the fitted world sizes."""
-    fits = {}
+def _fit_all(rows: list[dict], fit_np: set[int], cores: int | None, pinned: list[dict]) -> tuple[dict, dict]:
+    """(alpha, beta) per measured algorithm that has two message sizes at the fitted world sizes,
+    and with ``pinned`` rows (every rank on one core) the seconds per core switch."""
+    fits, switches = {}, {}
     for algorithm in FITTED_SHAPES:
         mine = [r for r in rows if r["algorithm"] == algorithm and r["world_size"] in fit_np]
-        if len({r["size_bytes"] for r in mine}) >= 2:
-            fits[algorithm] = fit(mine, algorithm, cores)
-    return fits
+        if len({r["size_bytes"] for r in mine}) < 2:
+            continue
+        mine_pinned = [r for r in pinned if r["algorithm"] == algorithm]
+        fits[algorithm] = fit(mine, algorithm, cores)
+        # fitted ranks that shared cores need the switch time and it needs alpha and beta: alternate
+        # (once is exact when the fitted world sizes have a core per rank, as at --fit-np 2 on 2 cores)
+        for _ in range(3 if mine_pinned else 0):
+            switches[algorithm] = fit_switch(mine_pinned, algorithm, *fits[algorithm])
+            fits[algorithm] = fit(mine, algorithm, cores, switches[algorithm])
+    return fits, switches
 
 
 def _predictions(work: dict, params: dict, density: float, max_np: int) -> list[dict]:
@@ -401,6 +466,9 @@ def run(args) -> dict:
             raise UsageError(f"{option} {path}: its directory does not exist")
 
     rows = _load_rows(args.sources) if args.sources else []
+    if args.shared_core_from and not (args.cores and args.sources):
+        raise UsageError("--shared-core-from calibrates the measured ranks' time-sharing: pass --from and --cores too")
+    pinned = _load_rows(args.shared_core_from, "--shared-core-from") if args.shared_core_from else []
     if not rows and (alpha_override is None or beta_override is None):
         raise UsageError("nothing to fit and no network given: pass --from allreduce.json, or both --alpha and --bandwidth")
     measured_np = sorted({r["world_size"] for r in rows})
@@ -414,14 +482,16 @@ def run(args) -> dict:
     else:
         fit_np = set(measured_np)
 
-    fits = _fit_all(rows, fit_np, args.cores)
+    fits, switches = _fit_all(rows, fit_np, args.cores, pinned)
     if rows and not fits:
         raise UsageError(f"--from {args.sources}: no algorithm among {','.join(FITTED_SHAPES)} has two message sizes "
                          f"at world sizes {sorted(fit_np)} to fit")
-    validation = _validation(rows, fits, fit_np, args.cores)
+    if pinned and not switches:
+        raise UsageError(f"--shared-core-from {args.shared_core_from}: no rows of the fitted algorithms ({','.join(fits)})")
+    validation = _validation(rows, fits, fit_np, args.cores, switches)
     # with --cores, the plain model (fitted and checked without it) is shown beside: what the correction buys
-    fits_plain = _fit_all(rows, fit_np, None) if args.cores else fits
-    validation_plain = _validation(rows, fits_plain, fit_np, None) if args.cores else validation
+    fits_plain = _fit_all(rows, fit_np, None, [])[0] if args.cores else fits
+    validation_plain = _validation(rows, fits_plain, fit_np, None, {}) if args.cores else validation
 
     # the link model each predicted algorithm uses: its own fit, top-k the ring's, or the given network
     fallback = fits.get("ring") or fits.get("rhd") or next(iter(fits.values()), (0.0, 0.0))
@@ -437,11 +507,15 @@ def run(args) -> dict:
         f"{_mib(work['bucket_bytes'])}, top-k density {args.topk_density:g}")
     if fits:
         say(f"# fit on world sizes {sorted(fit_np)} from {args.sources}"
-            + (f"; {args.cores} cores shared by the measured ranks: a step with b busy ranks takes ceil(b/{args.cores}) "
-               "times as long" if args.cores else ""))
-        say(f"{'algorithm':<10}{'alpha us':>10}{'GB/s (1/beta)':>15}")
+            + (f"; {args.cores} cores shared by the measured ranks: a phase takes as long as its busy ranks on the "
+               "fullest core" if args.cores else ""))
+        if switches:
+            say(f"# core switch time from ranks pinned to one core: {args.shared_core_from}")
+        switch_header = f"{'switch us':>11}" if switches else ""
+        say(f"{'algorithm':<10}{'alpha us':>10}{'GB/s (1/beta)':>15}{switch_header}")
         for algorithm, (alpha, beta) in fits.items():
-            say(f"{algorithm:<10}{alpha * 1e6:>10.2f}{(1 / beta / 1e9 if beta else math.inf):>15.3f}")
+            switch_cell = f"{switches.get(algorithm, 0.0) * 1e6:>11.2f}" if switches else ""
+            say(f"{algorithm:<10}{alpha * 1e6:>10.2f}{(1 / beta / 1e9 if beta else math.inf):>15.3f}{switch_cell}")
     if validation:
         say(f"# validation: predicted vs measured allreduce time over all message sizes (target within {TARGET_ERROR:.0%})")
         plain_header = f"{'plain median':>14}" if args.cores else ""
@@ -465,7 +539,9 @@ def run(args) -> dict:
         say(f"# {line}")
 
     result = {"workload": work, "topk_density": args.topk_density, "fit_world_sizes": sorted(fit_np), "cores": args.cores,
-              "fits": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in fits.items()},
+              "shared_core_from": args.shared_core_from,
+              "fits": {a: {"alpha_s": al, "beta_s_per_byte": be, "switch_s": switches.get(a, 0.0)}
+                       for a, (al, be) in fits.items()},
               "link_model": {a: {"alpha_s": al, "beta_s_per_byte": be} for a, (al, be) in params.items()},
               "validation": validation, "predictions": predictions, "wins": wins}
     if args.cores:
