@@ -9,9 +9,9 @@ nccl-tests: algbw = bytes / time, busbw = algbw x 2(p-1)/p (the per-rank link tr
 bandwidth-optimal allreduce, comparable across world sizes), and ``vs mpi`` = mpi's time / this
 time (> 1: faster than the MPI library). Only rank 0 prints.
 
-``--json`` writes the rows, ``--plot`` draws busbw vs size with the single-process memcpy
-bandwidth at the same sizes as the physical ceiling, ``--tune`` writes the winners as the
-thresholds ``algorithm="auto"`` uses (see ``mpilm/comm/tuning.py``).
+``--json`` writes the rows, ``--plot`` draws busbw vs size with the memcpy bandwidth of one
+rank (one thread, every rank copying at once) at the same sizes as the physical ceiling,
+``--tune`` writes the winners as the thresholds ``algorithm="auto"`` uses (see ``mpilm/comm/tuning.py``).
 
 Limits: CPU tensors (GPU staging is timed by the trainer's own timers); the data is refilled with
 ones before every call (outside the timed region) and the result is checked after the last one,
@@ -178,17 +178,28 @@ def _time_buffer(comm, algorithms, buf, iters, warmup) -> dict[str, float]:
     return {name: float(statistics.median(samples[k])) for k, name in enumerate(algorithms)}
 
 
-def _memcpy_bandwidth(count: int, dtype: torch.dtype, iters: int) -> float:
-    """Single-process ``copy_`` bandwidth (bytes/s) at this size: the ceiling drawn in the plot."""
-    src = torch.ones(count, dtype=dtype)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
+def _memcpy_bandwidth(comm, count: int, dtype: torch.dtype, iters: int) -> float:
+    """``copy_`` bandwidth (bytes/s) of one rank, one thread, while every rank copies at once.
+
+    The ceiling drawn in the plot: an allreduce of n bytes makes each rank read at least n bytes
+    (its slice from every rank) and write n (the result), a memcpy's worth of traffic per core,
+    with the node's memory shared by all ranks as it is here. Collective over ``comm``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per rank, as the collectives use
+    try:
+        src = torch.ones(count, dtype=dtype)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        times = []
+        for _ in range(iters):
+            comm.Barrier()  # blocks: every rank starts its copy together
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return src.numel() * src.element_size() / statistics.median(times)
 
 
@@ -211,7 +222,7 @@ def _plot(path: str, rows: list[dict], memcpy: dict[int, float], p: int, dtype: 
         mine = [row for row in rows if row["algorithm"] == name]
         ax.plot([r["size_bytes"] for r in mine], [r["busbw_gbps"] for r in mine], marker="o", label=name)
     ceiling = sorted(memcpy)
-    ax.plot(ceiling, [memcpy[s] / 1e9 for s in ceiling], "k--", label="memcpy, 1 process (ceiling)")
+    ax.plot(ceiling, [memcpy[s] / 1e9 for s in ceiling], "k--", label="memcpy per rank, all ranks at once (ceiling)")
     sizes = sorted({row["size_bytes"] for row in rows})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # latency-bound and bandwidth-bound sizes differ by orders of magnitude
@@ -266,9 +277,8 @@ def _sweep(args, settings: dict) -> None:
     for nbytes in settings["sizes"]:
         count = nbytes // itemsize
         times = _time_size(comm, algorithms, count, dtype, args.iters, args.warmup, args.shared_buffer)
-        if args.plot and world.rank() == 0:
-            memcpy[nbytes] = _memcpy_bandwidth(count, dtype, args.iters)
-        comm.Barrier()  # blocks: the other ranks wait while rank 0 measures memcpy alone
+        if args.plot:
+            memcpy[nbytes] = _memcpy_bandwidth(comm, count, dtype, args.iters)  # collective
         size_rows = []
         for name in algorithms:
             seconds = times[name]
