@@ -37,10 +37,11 @@ when the machine runs more of our ranks than it has cores. A sync costs well und
 microsecond in C++, about 1.2 us in Python, against 2-9 us for ``MPI_Barrier``.
 
 Measured (2 ranks, float32, ``python -m mpilm.bench allreduce``, time ratio against MPICH's
-allreduce; ``docs/figures/allreduce-shm*-np2``): with the buffer from ``alloc_shared_buffer``,
-as training allocates it, MEASURED_SHARED; with the caller's private buffer, copied in,
-MEASURED_PRIVATE: the copy in and the publishing copy cost memory bandwidth that MPICH's own
-path does not spend. The Python path costs about 8 us more per call.
+allreduce; ``docs/figures/allreduce-shm*-np2``, C++ path): with the buffer from
+``alloc_shared_buffer``, as training allocates it, 1.2x at 4 KiB, 2x at 64 KiB, 2.5-3.7x from
+256 KiB to 16 MiB and 4.7-5.7x at 64-256 MiB; with the caller's private buffer, copied in,
+1.3-1.9x up to 1 MiB, 1.0-1.2x at 4-16 MiB and 1.6-1.8x at 64-256 MiB: the copies in and out
+cost memory bandwidth that the shared buffer saves. The Python path costs ~8 us more per call.
 
 Windows are collective objects, cached per node communicator; the scratch window (2 x the
 largest buffer seen) is reused by every call and replaced by one twice as large (the old one
