@@ -253,12 +253,7 @@ def test_shm_shared_buffer_zero_copy_and_mixed(monkeypatch, protocol, path):
     for lo, hi in [(0, 1000), (1000, 1001), (1001, 3001)]:
         shm.allreduce(flat[lo:hi], comm, op="avg")
     _assert_close(flat, expected, torch.float32, "shared buckets")
-    # rank 0 in shared memory, the others private: every rank still gets the same answer
-    x = flat if r == 0 else torch.empty(n)
-    x.copy_(_input(n, torch.float32, 3, r))
-    shm.allreduce(x, comm, op="sum")
-    _assert_close(x, _reference(n, torch.float32, 3, list(range(p)), "sum"), torch.float32, "mixed")
-    _assert_identical_on(comm, x, "mixed")
+    _allreduce_mixed(comm, flat, 3, "sum", "mixed")
     shm.free_shared_buffer(flat, comm)
     assert shm.live_windows() == windows - 1
     with pytest.raises(ValueError, match="does not lie"):
@@ -271,15 +266,22 @@ def test_shm_shared_rank_waits_while_a_private_peer_grows_the_scratch(path):
     from mpilm.comm import shm
 
     comm = _world().Dup()  # a fresh node group: no scratch window yet (kept until exit, like any group)
-    p, r = comm.Get_size(), comm.Get_rank()
     n = (shm.MIN_SCRATCH_BYTES // 4) * 3  # float32: larger than a first scratch half
     flat = shm.alloc_shared_buffer(n, torch.float32, comm)
-    x = flat if r == 0 else torch.empty(n)
-    x.copy_(_input(n, torch.float32, 7, r))
-    shm.allreduce(x, comm, op="avg")
-    _assert_close(x, _reference(n, torch.float32, 7, list(range(p)), "avg"), torch.float32, "grown")
-    _assert_identical_on(comm, x, "grown")
+    _allreduce_mixed(comm, flat, 7, "avg", "grown")
     shm.free_shared_buffer(flat, comm)
+
+
+def _allreduce_mixed(comm, flat: torch.Tensor, seed: int, op: str, what: str) -> None:
+    """Rank 0 reduces ``flat`` (in shared memory), the others a private buffer: all get the answer."""
+    from mpilm.comm import shm
+
+    n, r = flat.numel(), comm.Get_rank()
+    x = flat if r == 0 else torch.empty(n)
+    x.copy_(_input(n, torch.float32, seed, r))
+    shm.allreduce(x, comm, op=op)
+    _assert_close(x, _reference(n, torch.float32, seed, list(range(comm.Get_size())), op), torch.float32, what)
+    _assert_identical_on(comm, x, what)
 
 
 def test_shm_reuses_windows_over_many_calls(path):
