@@ -49,8 +49,8 @@ bench: install
 	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
 
 # compression and shared-memory allreduce kernels (C++, plus CUDA when torch sees a GPU) built
-# ahead of time into the cache;
-# without this the first use JIT-builds them (~40 s); exits 1 when they cannot be built
+# ahead of time into the cache; without this the first use JIT-builds them (~40 s); exits 1 when
+# they cannot be built
 kernels: install
 	$(BIN)/python -m mpilm.kernels
 
