@@ -29,7 +29,7 @@ from mpi4py import MPI
 from tqdm import tqdm
 
 from mpilm import checkpoint, config, data, models, optim
-from mpilm.comm import collectives, compress, world
+from mpilm.comm import collectives, compress, shm, world
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
 from mpilm.errors import UsageError
 from mpilm.timing import PHASES, PhaseTimer, Tracer, format_run_metrics, format_table, run_metrics
@@ -121,6 +121,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     out = Path(cfg.out)
     # collective on first use (auto may look at the node layout), so every rank asks
     auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
+    uses_shm = device.type == "cpu" and (cfg.allreduce == "shm" or any(a == "shm" for _, a in auto_choice))
+    shm_path = shm.implementation(comm) if uses_shm else ""  # collective: every rank asks
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ def run(argv: list[str] | None = None) -> dict | None:
             print(f"compression {compressor.describe()}")
         if auto_choice:
             print("auto allreduce per bucket size: " + ", ".join(f"{size / 2**20:.2f} MiB -> {algo}" for size, algo in auto_choice))
+        if shm_path:
+            print(f"shm allreduce: {shm_path}")
         print(f"data: {corpus.n_train:,} training tokens, {corpus.block.numel():,} per rank, "
               f"{corpus.val.numel():,} validation | cache {corpus.cache_path} "
               f"({'built' if corpus.built_now else 'reused'}, {t_load:.1f}s, {cfg.data_io})")

@@ -97,6 +97,14 @@ def test_shm_native_path_is_used_when_built():
         pytest.skip("needs two ranks")
     group = shm._node_of(comm)[1]
     assert (group.native is not None) == (kernels.load() is not None), kernels.status()
+    assert shm.implementation(comm).startswith("C++" if group.native is not None else "Python")
+
+
+def test_shm_implementation_says_python_when_forced(monkeypatch):
+    from mpilm.comm import shm
+
+    monkeypatch.setattr(shm, "NATIVE", False)
+    assert shm.implementation(_world()) == "Python (shm.NATIVE is False)"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -697,6 +697,17 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
     return buf
 
 
+def implementation(comm: MPI.Comm | None = None) -> str:
+    """Which code runs the allreduces on ``comm``'s node, in one line for banners. Collective on
+    first use per node (it sets up the node group, building the C++ kernels if need be)."""
+    group = _group(world.node_comm(comm or world.WORLD))
+    if NATIVE and group.native is not None:
+        return "C++ (kernels/mpilm_shm.cpp)"
+    from mpilm import kernels
+
+    return "Python (shm.NATIVE is False)" if not NATIVE else f"Python, ~8 us slower per call: {kernels.status()}"
+
+
 def alloc_shared_buffer(numel: int, dtype: torch.dtype = torch.float32, comm: MPI.Comm | None = None) -> torch.Tensor:
     """Collective over the node of ``comm``: a 1-D tensor living in this rank's shared segment.
 
