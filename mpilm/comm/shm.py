@@ -289,7 +289,7 @@ class _NodeGroup:
                 return window_id, (address - base) // buf.element_size()
         return None
 
-    def copy_in(self, local, shape: _Shape, oneshot: bool) -> tuple[int, int]:
+    def copy_in(self, local, shape: _Shape, whole: bool) -> tuple[int, int]:
         """Copy what the peers will read into this call's scratch half; ``_GROWING`` if too small.
 
         Scratch halves alternate between calls: a peer may still read the half of the previous
@@ -307,7 +307,7 @@ class _NodeGroup:
         target = halves[parity]
         if n > len(target):
             return _GROWING
-        if oneshot:  # the peers sum my whole input
+        if whole:  # a small allreduce: the peers may sum my whole input (one-shot)
             _copy(target[:n], local)
         elif shape.reduce:  # the peers read the slices they reduce: all but mine
             if lo > 0:
