@@ -17,6 +17,8 @@ What it does:
 - ``send_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range sent as segments,
   and a range received segment by segment into a small window of scratch buffers and added into
   its destination while the next segments are still in flight.
+- ``exchange``: a swap of two disjoint ranges with a peer, received straight into place, cut into
+  segments when it is longer than one (the allgather half of ``rhd``).
 - ``finish(t, p, op)``: the divide of ``op="avg"``.
 - ``device_sync(t)``: waits for queued CUDA work on ``t`` before MPI reads or rewrites it.
 
@@ -267,3 +269,23 @@ def exchange_reduce(comm: MPI.Comm, peer: int, t: torch.Tensor, wire: Wire,
     received = recv_reduce_segments(comm, peer, t, recv[0], recv[1], seg, tag)
     MPI.Request.Waitall(sends)  # blocks on peer: our send buffer is reusable once it has taken it all
     return (send[1] - send[0]) * wire.itemsize, received
+
+
+def exchange(comm: MPI.Comm, peer: int, wire: Wire, send: tuple[int, int], recv: tuple[int, int],
+             seg: int, tag: int) -> tuple[int, int]:
+    """Send ``send`` of the wire's tensor to ``peer`` while its ``recv`` range lands in place.
+
+    One message each way when both ranges fit in a segment (the peer sees the same lengths and
+    decides alike). Longer ranges move as segments, every receive posted before the sends: on a
+    TCP link one multi-megabyte rendezvous right after a segmented exchange ran at half the link
+    rate (rhd at 16-64 MiB on the emulated 1 Gbit/s cluster), while the same bytes as segments
+    keep it full. Returns ``(bytes sent, bytes received)``.
+    """
+    send_n, recv_n = send[1] - send[0], recv[1] - recv[0]
+    if send_n <= seg and recv_n <= seg:
+        comm.Sendrecv(wire.seg(*send), peer, tag, wire.seg(*recv), peer, tag)  # blocks on peer
+    else:
+        reqs = [comm.Irecv(wire.seg(a, b), peer, tag) for a, b in segments(recv[0], recv[1], seg)]
+        reqs += send_segments(comm, peer, wire, send[0], send[1], seg, tag)
+        MPI.Request.Waitall(reqs)  # blocks on peer: every segment of the swap has landed and left
+    return send_n * wire.itemsize, recv_n * wire.itemsize

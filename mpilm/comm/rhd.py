@@ -16,9 +16,10 @@ bandwidth term with only 2 lg p' latency steps instead of 2(p-1), which makes it
 medium messages and for large ones at power-of-two p; the fold-in makes the ring better for very
 large messages at other world sizes.
 
-Every transfer that is added into the buffer moves as segments of ``ring.SEGMENT_BYTES``
-through a small window of cached scratch slots (``p2p.exchange_reduce``), so no temporary
-larger than a segment exists, also for the fold-in. Half types travel and add in their own type, as in the ring (see
+Every transfer moves as segments of ``ring.SEGMENT_BYTES``, the doubling too (``p2p.exchange``:
+one multi-megabyte message ran at half a TCP link's rate). Those added into the buffer go through
+a small window of cached scratch slots (``p2p.exchange_reduce``), so no temporary larger than a
+segment exists, also for the fold-in. Half types travel and add in their own type, as in the ring (see
 ``ring.py``); results are bit-identical on all ranks (the allgather copies owners' bytes).
 """
 
@@ -80,16 +81,16 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
             mask >>= 1
 
         # recursive doubling: swap owned ranges with the partner, received straight into place
+        # (as segments: see p2p.exchange for why one huge message is not used)
         mask = 1
         while mask < core:
             partner_new = newrank ^ mask
             partner = p2p.core_to_rank(partner_new, rem)
             mine = _block_range(n, core, (newrank // mask) * mask, mask)
             theirs = _block_range(n, core, (partner_new // mask) * mask, mask)
-            comm.Sendrecv(wire.seg(*mine), partner, _TAG_DOUBLING,
-                          wire.seg(*theirs), partner, _TAG_DOUBLING)  # blocks on partner
-            sent += (mine[1] - mine[0]) * wire.itemsize
-            received += (theirs[1] - theirs[0]) * wire.itemsize
+            s, rcv = p2p.exchange(comm, partner, wire, send=mine, recv=theirs, seg=seg, tag=_TAG_DOUBLING)
+            sent += s
+            received += rcv
             mask <<= 1
 
     # unfold: the odd rank of each pair returns the finished vector to its even partner
