@@ -15,7 +15,7 @@ MPIRUN := timeout --signal=TERM --kill-after=10 $(TIMEOUT) $(BIN)/mpirun
 TEST_NPS ?= 2 3
 COLLECTIVE_NPS ?= 1 4 5
 
-.PHONY: install train test test-serial test-mpi bench kernels clean
+.PHONY: install train test test-serial test-mpi test-multinode bench kernels clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 train: install
 	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.train $(ARGS)
 
-test: install test-serial test-mpi
+test: install test-serial test-mpi test-multinode
 
 test-serial: install
 	timeout $(TIMEOUT) $(BIN)/python -m pytest -q tests
@@ -38,11 +38,27 @@ test-serial: install
 test-mpi: install
 	set -e; for n in $(TEST_NPS); do \
 	  echo "== distributed tests at -np $$n"; \
-	  $(MPIRUN) -np $$n $(BIN)/python -m pytest -q --with-mpi -m mpi tests; \
+	  $(MPIRUN) -np $$n $(BIN)/python -m pytest -q --with-mpi -m "mpi and not multinode" tests; \
 	done
 	set -e; for n in $(COLLECTIVE_NPS); do \
 	  echo "== collective tests at -np $$n"; \
 	  $(MPIRUN) -np $$n $(BIN)/python -m pytest -q --with-mpi -m "mpi and collectives" tests; \
+	done
+
+# the distributed suites again on real emulated nodes (python -m mpilm.cluster: network namespaces,
+# 10gbit links), at 2 nodes x 1 rank and 2 nodes x 2 ranks; needs root, skipped with the reason
+# otherwise; the cluster (named mpilmci) is removed also when a test fails
+MULTINODE_TESTS ?= tests/test_multinode.py tests/test_collectives.py tests/test_compress.py \
+	tests/test_train.py::test_data_parallel_equals_one_process_with_the_global_batch
+CLUSTER := MPILM_CLUSTER=mpilmci $(BIN)/python -m mpilm.cluster
+test-multinode: install
+	@if [ "$$(id -u)" != 0 ]; then echo "== multi-node tests skipped: python -m mpilm.cluster needs root"; exit 0; fi; \
+	set -e; trap '$(CLUSTER) down >/dev/null' EXIT; \
+	for ppn in 1 2; do \
+	  echo "== multi-node tests: 2 nodes x $$ppn rank(s)"; \
+	  $(CLUSTER) up --nodes 2 --link 10gbit --slots-per-node $$ppn >/dev/null; \
+	  timeout --signal=TERM --kill-after=10 $(TIMEOUT) $(CLUSTER) run --ppn $$ppn -- \
+	    $(BIN)/python -m pytest -q --with-mpi -m mpi $(MULTINODE_TESTS); \
 	done
 
 bench: install

@@ -172,8 +172,8 @@ class Cluster:
 
 def cluster_name() -> str:
     name = os.environ.get("MPILM_CLUSTER", "mpilm").strip() or "mpilm"
-    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", name):
-        raise ClusterError(f"MPILM_CLUSTER={name!r}: use 1-8 lower-case letters and digits, starting with a letter")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name):
+        raise ClusterError(f"MPILM_CLUSTER={name!r}: use 1-12 lower-case letters and digits, starting with a letter")
     return name
 
 

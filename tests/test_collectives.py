@@ -347,6 +347,12 @@ def test_builtin_rules_use_shared_memory_on_one_node():
         assert {tuning.pick(tuning.builtin_rules(p, p), size) for size in (4 << 10, 64 << 10, 256 << 20)} == {"shm"}
 
 
+def test_builtin_rules_go_hierarchical_when_nodes_hold_several_ranks():
+    for p, rpn in ((4, 2), (6, 3), (5, 2)):
+        rules = tuning.builtin_rules(p, rpn)
+        assert tuning.pick(rules, 4 << 10) == "tree" and tuning.pick(rules, 16 << 20) == "hier"
+
+
 def test_builtin_rules_prefer_low_latency_for_small_messages():
     for p in (2, 3, 4, 5, 8):
         rules = tuning.builtin_rules(p, 1)
