@@ -50,7 +50,7 @@ test-mpi: install
 # otherwise; the cluster (named mpilmci) is removed also when a test fails
 MULTINODE_TESTS ?= tests/test_multinode.py tests/test_collectives.py tests/test_compress.py \
 	tests/test_train.py::test_data_parallel_equals_one_process_with_the_global_batch
-CLUSTER := MPILM_CLUSTER=mpilmci $(BIN)/python -m mpilm.cluster
+CLUSTER := env MPILM_CLUSTER=mpilmci $(BIN)/python -m mpilm.cluster
 test-multinode: install
 	@if [ "$$(id -u)" != 0 ]; then echo "== multi-node tests skipped: python -m mpilm.cluster needs root"; exit 0; fi; \
 	set -e; trap '$(CLUSTER) down >/dev/null' EXIT; \
