@@ -123,13 +123,15 @@ def run(argv: list[str] | None = None) -> dict | None:
     auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
     uses_shm = device.type == "cpu" and (cfg.allreduce == "shm" or any(a == "shm" for _, a in auto_choice))
     shm_path = shm.implementation(comm) if uses_shm else ""  # collective: every rank asks
+    node_lines = world.node_lines(str(device))  # collective: every node reports
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": n_ranks}, indent=2) + "\n")
         block_sizes = [b.nbytes for b in grads.buckets]
-        print(f"mpilm | {n_ranks} rank(s) | {world.library_version()} | device {device}"
-              f"{f' x{torch.get_num_threads()} threads' if device.type == 'cpu' else ''}")
+        print(f"mpilm | {n_ranks} rank(s) on {len(node_lines)} node(s) | {world.library_version()}")
+        for line in node_lines:
+            print(line)
         print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters | "
               f"{len(grads.buckets)} gradient bucket(s) of up to {max(block_sizes) / 2**20:.2f} MiB | "
               f"allreduce {cfg.allreduce}")

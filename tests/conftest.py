@@ -34,15 +34,21 @@ def _under_mpi(config) -> bool:
     return bool(config.getoption("--with-mpi", default=False))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     if _under_mpi(config):
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.Get_rank() != 0:
-            # one report per run: other ranks' stdout goes nowhere, their stderr (failures) stays
+            # one report per run: other ranks' stdout goes nowhere, their stderr (failures) stays.
+            # The terminal reporter writes through its own saved copy of stdout (the dup2 alone
+            # left every rank printing pytest-mpi's header and a summary line), so it goes too.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.close(devnull)
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                config.pluginmanager.unregister(reporter)
 
 
 def pytest_runtest_logreport(report):
@@ -59,15 +65,16 @@ def pytest_runtest_logreport(report):
     MPI.COMM_WORLD.Abort(1)
 
 
-def run_cli(args: list[str], np: int = 1, timeout: float = 240, env: dict | None = None, cwd=None):
-    """Run ``mpirun -np N python <args>`` in a fresh process group, bounded by ``timeout``.
+def run_cli(args: list[str], np: int = 1, timeout: float = 240, env: dict | None = None, cwd=None,
+            prefix: list[str] = ()):
+    """Run ``mpirun -np N [prefix...] python <args>`` in a fresh process group, bounded by ``timeout``.
 
     Returns the CompletedProcess (text mode). Used by tests that check the real command line.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA"))}
     full_env.update(env or {})
     full_env.setdefault("PYTHONPATH", str(ROOT))
-    cmd = [str(BIN / "mpirun"), "-np", str(np), str(BIN / "python"), *args]
+    cmd = [str(BIN / "mpirun"), "-np", str(np), *prefix, str(BIN / "python"), *args]
     return subprocess.run(
         ["timeout", "--kill-after=5", str(timeout), *cmd],
         capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,

@@ -186,11 +186,23 @@ def init_torch_distributed(comm: MPI.Comm, device: torch.device) -> str:
         with socket.socket() as probe:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
-        address = ("127.0.0.1" if len(set(hosts)) == 1 else socket.getfqdn(), port)
+        address = ("127.0.0.1" if len(set(hosts)) == 1 else _reachable_address(), port)
     host, port = comm.bcast(address, root=0)  # blocks until rank 0 has chosen
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size(), timeout=datetime.timedelta(seconds=120))
     return backend
+
+
+def _reachable_address() -> str:
+    """An address of this host that other nodes can reach: the first non-loopback address its
+    hostname resolves to (through DNS or a hosts file alone: emulated nodes have no reverse
+    lookup, where ``socket.getfqdn()`` failed), else the hostname itself."""
+    name = socket.gethostname()
+    try:
+        addresses = socket.gethostbyname_ex(name)[2]
+    except OSError:
+        return name
+    return next((a for a in addresses if not a.startswith("127.")), name)
 
 
 # ---------------------------------------------------------------- the bench

@@ -7,6 +7,9 @@ What it does:
 - ``buf(t)``: a zero-copy mpi4py buffer spec ``[memory, count, datatype]`` for a contiguous
   tensor (CPU via numpy, CUDA via ``__cuda_array_interface__``; bfloat16 travels as raw 16-bit
   words because MPI has no bf16 type, so never let MPI *reduce* a bf16 buffer).
+- ``placement()``: this rank's node, cores (its affinity mask) and compute threads (the mask
+  shared out over the node's ranks that overlap it; ``OMP_NUM_THREADS`` / ``SLURM_CPUS_PER_TASK``
+  win); ``node_lines()`` the banner's one line per node.
 - ``cuda_aware()``: whether the MPI library can take device pointers.
 - ``traffic``: bytes this rank handed to / received from point-to-point calls, so compression
   ratios are measured rather than computed.
@@ -144,9 +147,88 @@ def pick_device(choice: str) -> torch.device:
         device = torch.device("cuda", local_rank() % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // local_size()))
+    torch.set_num_threads(placement().threads)
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- placement
+def cpu_threads(my_cores: set[int], node_masks: list[set[int]], env: dict[str, str]) -> int:
+    """Compute threads for one rank: ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the
+    cores of its affinity mask shared out over the node's ranks whose masks overlap it (itself
+    included). Not ``os.cpu_count()``: a rank bound to one core by taskset, cgroups or Slurm that
+    starts one thread per machine core ran 16x slower. ValueError names a bad variable."""
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = env.get(name, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+            return int(value)
+    sharing = sum(1 for mask in node_masks if mask & my_cores) or 1
+    return max(1, len(my_cores) // sharing)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank runs: its node's name, the cores it may use, its compute threads."""
+
+    node: str
+    cores: tuple[int, ...]
+    threads: int
+
+
+@functools.lru_cache(maxsize=None)
+def placement() -> Placement:
+    """This rank's placement. Collective over the world on first call (every rank must call it).
+
+    The masks are gathered over the node (cold path: pickle is fine); a bad thread variable on
+    any rank becomes one UsageError on every rank.
+    """
+    mine = set(os.sched_getaffinity(0))
+    masks = node_comm().allgather(mine)  # blocks on every rank of this node
+    problem = None
+    try:
+        threads = cpu_threads(mine, masks, dict(os.environ))
+    except ValueError as err:
+        problem, threads = str(err), 1
+    problems = WORLD.allgather(problem)  # blocks on every rank: the verdict must be shared
+    bad = next((p for p in problems if p), None)
+    if bad:
+        raise UsageError(bad)
+    return Placement(MPI.Get_processor_name(), tuple(sorted(mine)), threads)
+
+
+def compact_cores(cores) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    cores, out, i = sorted(set(cores)), [], 0
+    while i < len(cores):
+        j = i
+        while j + 1 < len(cores) and cores[j + 1] == cores[j] + 1:
+            j += 1
+        out.append(str(cores[i]) if i == j else f"{cores[i]}-{cores[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def node_lines(device: str) -> list[str]:
+    """One banner line per node (on rank 0; [] elsewhere): name, ranks, cores, threads, device.
+
+    Collective: the node leaders gather to rank 0 (cold path, pickle).
+    """
+    here = placement()
+    node = node_comm()
+    ranks = node.gather((WORLD.Get_rank(), here.cores, here.threads, device), root=0)  # blocks on node peers
+    summary = None
+    if node.Get_rank() == 0:
+        cores = set().union(*(set(c) for _, c, _, _ in ranks))
+        threads = sorted({t for _, _, t, _ in ranks})
+        devices = sorted({d for _, _, _, d in ranks})
+        summary = (min(r for r, *_ in ranks), f"node {here.node}: ranks {compact_cores(r for r, *_ in ranks)} | "
+                   f"cores {compact_cores(cores)} | {'/'.join(map(str, threads))} thread(s) per rank | "
+                   f"{', '.join(devices)}")
+    every = WORLD.gather(summary, root=0)  # blocks on every rank
+    if WORLD.Get_rank() != 0:
+        return []
+    return [line for _, line in sorted(s for s in every if s)]
 
 
 @functools.lru_cache(maxsize=None)
