@@ -150,3 +150,22 @@ def test_faults_stop_continue_kill_and_links(up):
         sleeper.kill()
     status = cli("status", env=up).stdout
     assert "1Gbit up" in status
+
+
+@NEEDS_ROOT
+def test_bench_ddp_loss_check_across_nodes(up, tmp_path):
+    """torch.distributed's rendezvous finds rank 0 through the hosts file alone (no getfqdn)."""
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_bytes())
+    out = tmp_path / "ddp.json"
+    done = cli("run", "--", sys.executable, "-m", "mpilm.bench", "ddp", "--algorithms", "ring", "--warmup", "1",
+               "--block-steps", "2", "--check-steps", "3", "--json", str(out), "--",
+               "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+               "--steps", "4", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), env=up, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["loss_check_ok"] and doc["world_size"] == 2 and doc["rows"][0]["loss_max_abs_diff"] <= 1e-4
