@@ -79,7 +79,12 @@ def rate_bits(rate: str) -> float:
 
 
 def burst_bytes(bits_per_s: float) -> int:
-    """tbf bucket: 10 ms of the rate, at least 64 KiB (a GSO/TSO packet must fit in one bucket)."""
+    """tbf bucket: 10 ms of the rate, at least 64 KiB (a GSO/TSO packet must fit in one bucket).
+
+    So a message shorter than the bucket crosses an idle link at memory speed (1.25 MB at
+    1 Gbit/s): busbw above the link rate at small sizes is the bucket, not a fault. A 1 ms bucket
+    was tried: the link then stayed below its rate (0.82-0.89 of it at 4-16 MiB, and MPI's own
+    allreduce at 0.61), because the kernel refills the bucket too coarsely."""
     return max(64 << 10, int(bits_per_s / 8 / 100))
 
 
