@@ -69,10 +69,12 @@ def run_cli(args: list[str], np: int = 1, timeout: float = 240, env: dict | None
             prefix: list[str] = ()):
     """Run ``mpirun -np N [prefix...] python <args>`` in a fresh process group, bounded by ``timeout``.
 
-    Returns the CompletedProcess (text mode). Used by tests that check the real command line.
+    ``env`` adds to this process's environment; a value of None removes that variable. Returns the
+    CompletedProcess (text mode). Used by tests that check the real command line.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA"))}
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     full_env.setdefault("PYTHONPATH", str(ROOT))
     cmd = [str(BIN / "mpirun"), "-np", str(np), *prefix, str(BIN / "python"), *args]
     return subprocess.run(
