@@ -123,7 +123,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
     uses_shm = device.type == "cpu" and (cfg.allreduce == "shm" or any(a == "shm" for _, a in auto_choice))
     shm_path = shm.implementation(comm) if uses_shm else ""  # collective: every rank asks
-    node_lines = world.node_lines(str(device))  # collective: every node reports
+    node_lines = world.node_lines()  # collective: every node's placement, as set by pick_device
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ What it does:
 - ``buf(t)``: a zero-copy mpi4py buffer spec ``[memory, count, datatype]`` for a contiguous
   tensor (CPU via numpy, CUDA via ``__cuda_array_interface__``; bfloat16 travels as raw 16-bit
   words because MPI has no bf16 type, so never let MPI *reduce* a bf16 buffer).
-- ``placement()``: this rank's node, cores (its affinity mask) and compute threads (the mask
-  shared out over the node's ranks that overlap it; ``OMP_NUM_THREADS`` / ``SLURM_CPUS_PER_TASK``
-  win); ``node_lines()`` the banner's one line per node.
+- ``place(choice)`` / ``pick_device(choice)``: this rank's device and torch compute threads, set
+  and returned as a ``Placement`` (node name, cores = its affinity mask, threads, device); threads
+  are ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the mask shared out over the
+  machine's ranks whose masks overlap it (``cpu_threads``, pure). ``node_lines()``: the banner's
+  one line per node (``describe_node``, pure).
 - ``cuda_aware()``: whether the MPI library can take device pointers.
 - ``traffic``: bytes this rank handed to / received from point-to-point calls, so compression
   ratios are measured rather than computed.
@@ -17,7 +19,12 @@ What it does:
   exit 2; any other exception -> ``[rank r]`` traceback and ``MPI.COMM_WORLD.Abort`` so the job
   never hangs on a dead rank.
 
-What it does not: no collectives (``collectives.py``), no knowledge of models or data.
+What it does not: no collectives (``collectives.py``), no knowledge of models or data; it does
+not bind ranks to cores (the launcher, taskset, cgroups or Slurm do), it only reads the masks.
+
+Limits: ``place`` and ``node_lines`` use pickle-based MPI calls (start-up only). Where the OS has
+no affinity masks every rank counts every core of its machine. ``OMP_NUM_THREADS`` must be one
+whole number (OpenMP's per-level lists such as ``4,2`` are refused).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -133,35 +141,33 @@ def local_size() -> int:
 
 
 def pick_device(choice: str) -> torch.device:
-    """``auto`` -> ``cuda:<local rank>`` when CUDA is present, else CPU with cores split per rank.
+    """``auto`` -> ``cuda:<local rank>`` when CUDA is present, else CPU; sets torch's threads.
 
-    Raises UsageError on every rank alike (the check uses only per-node facts that are equal for
-    ranks of the same node, and a node without a GPU fails the same way on all of them).
+    The device and threads come from ``place(choice)``: collective over the world, and a
+    UsageError is raised on every rank alike.
     """
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {choice}: expected one of auto, cpu, cuda")
-    has_cuda = torch.cuda.is_available()
-    if choice == "cuda" and not has_cuda:
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch on this node (use --device cpu)")
-    if choice in ("auto", "cuda") and has_cuda:
-        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    torch.set_num_threads(placement().threads)
-    return torch.device("cpu")
+    return torch.device(place(choice).device)
 
 
 # ---------------------------------------------------------------- placement
-def cpu_threads(my_cores: set[int], node_masks: list[set[int]], env: dict[str, str]) -> int:
-    """Compute threads for one rank: ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the
-    cores of its affinity mask shared out over the node's ranks whose masks overlap it (itself
-    included). Not ``os.cpu_count()``: a rank bound to one core by taskset, cgroups or Slurm that
-    starts one thread per machine core ran 16x slower. ValueError names a bad variable."""
-    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")  # first one set wins
+
+
+def cpu_threads(my_cores: set[int], node_masks: list[set[int]], env) -> int:
+    """Compute threads for one rank (pure: no MPI, no torch).
+
+    ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the cores of this rank's affinity
+    mask shared out over the ranks of its machine whose masks overlap it (``node_masks``, itself
+    included): ``max(1, len(mine) // overlapping)``. Not ``os.cpu_count()``: a rank bound to one
+    core by taskset, cgroups or Slurm that starts one thread per machine core ran 16x slower.
+    A set variable that is not a whole number >= 1 raises a UsageError naming it, marked
+    ``collective=False`` (the environment is per rank: ``place`` shares the verdict).
+    """
+    for name in THREAD_VARIABLES:
         value = env.get(name, "").strip()
         if value:
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
+                raise UsageError(f"{name}={value!r}: expected a whole number >= 1", collective=False)
             return int(value)
     sharing = sum(1 for mask in node_masks if mask & my_cores) or 1
     return max(1, len(my_cores) // sharing)
@@ -169,36 +175,82 @@ def cpu_threads(my_cores: set[int], node_masks: list[set[int]], env: dict[str, s
 
 @dataclass(frozen=True)
 class Placement:
-    """Where this rank runs: its node's name, the cores it may use, its compute threads."""
+    """Where this rank runs: its node's name, the cores it may use, torch's compute threads as
+    set, and its device (``cpu``, ``cuda:0``...)."""
 
     node: str
     cores: tuple[int, ...]
     threads: int
+    device: str
 
 
-@functools.lru_cache(maxsize=None)
-def placement() -> Placement:
-    """This rank's placement. Collective over the world on first call (every rank must call it).
-
-    The masks are gathered over the node (cold path: pickle is fine); a bad thread variable on
-    any rank becomes one UsageError on every rank.
-    """
-    mine = set(os.sched_getaffinity(0))
-    masks = node_comm().allgather(mine)  # blocks on every rank of this node
-    problem = None
+def affinity() -> set[int]:
+    """The cores this process may run on (its affinity mask); every core where the OS has no masks."""
     try:
-        threads = cpu_threads(mine, masks, dict(os.environ))
-    except ValueError as err:
-        problem, threads = str(err), 1
-    problems = WORLD.allgather(problem)  # blocks on every rank: the verdict must be shared
-    bad = next((p for p in problems if p), None)
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return set(range(os.cpu_count() or 1))
+
+
+def node_name() -> str:
+    return MPI.Get_processor_name() or socket.gethostname()
+
+
+def _machine_comm() -> MPI.Comm:
+    """The ranks of the world on this machine (shared memory), ignoring fake nodes: ranks of two
+    fake nodes on one machine still compete for its cores."""
+    return _node_comm_cached(WORLD.py2f(), 0)
+
+
+_placed: Placement | None = None
+
+
+def place(choice: str) -> Placement:
+    """Choose this rank's device and compute threads, set them, and return the record.
+
+    Collective over the world (cold path: pickle-based calls are fine): the affinity masks are
+    gathered over the machine's ranks, then every rank's verdict on its own environment (thread
+    variables, a GPU for ``--device cuda``) over the world, so a problem on any rank becomes the
+    same UsageError on every rank instead of a hang. CUDA ranks get threads by the same rule
+    (the host side of a step, data and the comm thread still run on the CPU).
+    """
+    global _placed
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {choice}: expected one of auto, cpu, cuda")
+    has_cuda = torch.cuda.is_available()
+    mine = affinity()
+    masks = _machine_comm().allgather(mine)  # blocks on every rank of this machine
+    problem, threads = None, 1
+    try:
+        threads = cpu_threads(mine, masks, os.environ)
+    except UsageError as err:
+        problem = str(err)
+    if problem is None and choice == "cuda" and not has_cuda:
+        problem = f"--device cuda: no CUDA GPU is visible to torch on {node_name()} (use --device cpu)"
+    problems = WORLD.allgather(problem)  # blocks on every rank: one verdict for the whole job
+    bad = [(r, p) for r, p in enumerate(problems) if p]
     if bad:
-        raise UsageError(bad)
-    return Placement(MPI.Get_processor_name(), tuple(sorted(mine)), threads)
+        where = "" if len(bad) == len(problems) and len({p for _, p in bad}) == 1 else f" (on rank {bad[0][0]})"
+        raise UsageError(bad[0][1] + where)
+    if choice in ("auto", "cuda") and has_cuda:
+        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(threads)
+    _placed = Placement(node_name(), tuple(sorted(mine)), torch.get_num_threads(), str(device))
+    return _placed
+
+
+def placement() -> Placement:
+    """The record the last ``place()`` (or ``pick_device()``) made on this rank."""
+    if _placed is None:
+        raise RuntimeError("mpilm: placement() before place() / pick_device()")
+    return _placed
 
 
 def compact_cores(cores) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (taskset's list syntax); also for rank lists."""
     cores, out, i = sorted(set(cores)), [], 0
     while i < len(cores):
         j = i
@@ -209,26 +261,35 @@ def compact_cores(cores) -> str:
     return ",".join(out)
 
 
-def node_lines(device: str) -> list[str]:
-    """One banner line per node (on rank 0; [] elsewhere): name, ranks, cores, threads, device.
+def describe_node(members: list[tuple[int, Placement]]) -> str:
+    """One banner line for the ranks of one node, from ``(world rank, placement)`` pairs (pure).
 
-    Collective: the node leaders gather to rank 0 (cold path, pickle).
+    ``node n0: ranks 0-1 | cores 0-3 | 2 thread(s) per rank | cpu``: cores are the union of the
+    ranks' masks; threads and devices that differ between ranks are listed in rank order.
     """
-    here = placement()
+    members = sorted(members, key=lambda m: m[0])
+    threads = [p.threads for _, p in members]
+    devices = [p.device for _, p in members]
+    cores = set().union(*(p.cores for _, p in members))
+    return (f"node {members[0][1].node}: ranks {compact_cores(r for r, _ in members)} | "
+            f"cores {compact_cores(cores)} | "
+            f"{threads[0] if len(set(threads)) == 1 else '/'.join(map(str, threads))} thread(s) per rank | "
+            f"{devices[0] if len(set(devices)) == 1 else ', '.join(devices)}")
+
+
+def node_lines() -> list[str]:
+    """The banner's line per node (``describe_node``) on rank 0, in rank order; [] elsewhere.
+
+    Collective over the world, after ``place()``: each node's ranks gather their placements at
+    the node's leader, the leaders' lines go to rank 0 (cold path, pickle).
+    """
     node = node_comm()
-    ranks = node.gather((WORLD.Get_rank(), here.cores, here.threads, device), root=0)  # blocks on node peers
-    summary = None
-    if node.Get_rank() == 0:
-        cores = set().union(*(set(c) for _, c, _, _ in ranks))
-        threads = sorted({t for _, _, t, _ in ranks})
-        devices = sorted({d for _, _, _, d in ranks})
-        summary = (min(r for r, *_ in ranks), f"node {here.node}: ranks {compact_cores(r for r, *_ in ranks)} | "
-                   f"cores {compact_cores(cores)} | {'/'.join(map(str, threads))} thread(s) per rank | "
-                   f"{', '.join(devices)}")
-    every = WORLD.gather(summary, root=0)  # blocks on every rank
+    members = node.gather((WORLD.Get_rank(), placement()), root=0)  # blocks on every rank of this node
+    line = (min(r for r, _ in members), describe_node(members)) if node.Get_rank() == 0 else None
+    lines = WORLD.gather(line, root=0)  # blocks on every rank: the leaders' lines reach rank 0
     if WORLD.Get_rank() != 0:
         return []
-    return [line for _, line in sorted(s for s in every if s)]
+    return [text for _, text in sorted(entry for entry in lines if entry)]
 
 
 @functools.lru_cache(maxsize=None)
