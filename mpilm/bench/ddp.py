@@ -23,7 +23,9 @@ ranks) must equal DDP's to ``--tolerance``; the command exits 1 if they do not.
 
 Limits: fp32 on every device (no autocast) so the loss check is meaningful; ``--dropout 0`` and
 ``--grad-accum 1`` (DDP would allreduce every micro-step without ``no_sync``); torch.distributed
-rendezvous over TCP at rank 0's host, port chosen by rank 0 and broadcast over MPI.
+rendezvous over TCP at rank 0's address on the interface that routes to its peers, port chosen by
+rank 0, both broadcast over MPI. Gloo still picks its own interface for the data by resolving
+each host's name: set ``GLOO_SOCKET_IFNAME`` where a name resolves to loopback.
 """
 
 from __future__ import annotations
@@ -174,35 +176,55 @@ def _timed_allreduce_hook(state: _DDPCommTimer, bucket):
 
 def init_torch_distributed(comm: MPI.Comm, device: torch.device) -> str:
     """Start torch.distributed on the MPI job's ranks (collective; start-up only, so pickle-based
-    MPI calls are fine). Rank 0 picks a free TCP port on its host and broadcasts it."""
+    MPI calls are fine). Rank 0 picks an address its peers can reach (``rendezvous_address``) and a
+    free TCP port (bound to port 0), and broadcasts both."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return backend
-    hosts = comm.allgather(MPI.Get_processor_name())  # blocks until every rank reported its host
+    hosts = comm.allgather(world.node_name())  # blocks until every rank reported its host
     address = None
     if comm.Get_rank() == 0:
         with socket.socket() as probe:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
-        address = ("127.0.0.1" if len(set(hosts)) == 1 else _reachable_address(), port)
+        address = (rendezvous_address(hosts[0], hosts[1:]), port)
     host, port = comm.bcast(address, root=0)  # blocks until rank 0 has chosen
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size(), timeout=datetime.timedelta(seconds=120))
     return backend
 
 
-def _reachable_address() -> str:
-    """An address of this host that other nodes can reach: the first non-loopback address its
-    hostname resolves to (through DNS or a hosts file alone: emulated nodes have no reverse
-    lookup, where ``socket.getfqdn()`` failed), else the hostname itself."""
-    name = socket.gethostname()
+def rendezvous_address(me: str, peers: list[str], tries: int = 4) -> str:
+    """An address of this host (named ``me``) that the hosts ``peers`` can reach.
+
+    - every peer on this host: ``127.0.0.1``;
+    - else the source address of the interface this host would use to reach a peer (a UDP
+      ``connect`` only looks up the route, no packet leaves), for the first of ``tries`` other
+      hosts whose names resolve;
+    - else the first non-loopback address this host's own name resolves to;
+    - else the name itself.
+    Names resolve through DNS or a hosts file alone: ``socket.getfqdn()`` failed on emulated
+    nodes whose names exist only in a bind-mounted ``/etc/hosts`` (no reverse lookup).
+    """
+    others = list(dict.fromkeys(h for h in peers if h != me))
+    if not others:
+        return "127.0.0.1"
+    for peer in others[:tries]:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.connect((socket.gethostbyname(peer), 9))
+                source = udp.getsockname()[0]
+        except OSError:
+            continue
+        if not source.startswith("127."):
+            return source
     try:
-        addresses = socket.gethostbyname_ex(name)[2]
+        addresses = socket.gethostbyname_ex(socket.gethostname())[2]
     except OSError:
-        return name
-    return next((a for a in addresses if not a.startswith("127.")), name)
+        addresses = []
+    return next((a for a in addresses if not a.startswith("127.")), me)
 
 
 # ---------------------------------------------------------------- the bench
