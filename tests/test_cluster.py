@@ -170,3 +170,17 @@ def test_bench_ddp_loss_check_across_nodes(up, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["loss_check_ok"] and doc["world_size"] == 2 and doc["rows"][0]["loss_max_abs_diff"] <= 1e-4
+
+
+@NEEDS_ROOT
+def test_bench_allreduce_tune_under_cluster_run(up, tmp_path):
+    """``auto``'s thresholds can be measured on the cluster: one entry per (np, ranks per node)."""
+    import json
+
+    tuning = tmp_path / "tuning.json"
+    done = cli("run", "--", sys.executable, "-m", "mpilm.bench", "allreduce", "--tune", "--tuning-file", str(tuning),
+               "--algorithms", "ring,tree,mpi", "--min-bytes", "4K", "--max-bytes", "64K", "--factor", "16",
+               "--iters", "2", "--warmup", "1", env=up, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = json.loads(tuning.read_text())["entries"]
+    assert list(entries) == ["np2-rpn1-float32"] and entries["np2-rpn1-float32"]["rules"][-1][0] is None
