@@ -3,7 +3,9 @@ whose phases must add up to its step time, and (under mpirun) a traced run whose
 holds every rank and whose summary.json holds the communication figures."""
 
 import json
+import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpilm import timing, train
+from mpilm import metrics, timing, trace
 from mpilm.comm import world
 from mpilm.errors import UsageError
 
@@ -63,16 +65,16 @@ def test_summary_rows_add_up_to_the_step_and_credited_time_stays_apart():
 def test_run_metrics_busbw_and_mfu():
     stats = {"step_s": 0.1, "compute_s": 0.06, "comm_s": 0.04, "comm_total_s": 0.05,
              "bytes_sent": 1.5e8, "bytes_received": 1.5e8}
-    m = timing.run_metrics(stats, world_size=4, tokens_per_step=4096, flops_per_token=1e6,
-                           payload_bytes=100_000_000, device="cpu")
+    m = metrics.run_metrics(stats, world_size=4, tokens_per_step=4096, flops_per_token=1e6,
+                            payload_bytes=100_000_000, device="cpu")
     assert m["tokens_per_s"] == pytest.approx(40960) and m["tokens_per_s_per_rank"] == pytest.approx(10240)
     assert m["model_flops_per_s"] == pytest.approx(40960e6)
     assert m["busbw_gbps"] == pytest.approx(1e8 * 2 * 3 / 4 / 0.05 / 1e9)  # nccl-tests convention
     assert m["wire_gbps"] == pytest.approx(1.5e8 / 0.05 / 1e9)
     assert m["comm_compute_ratio"] == pytest.approx(0.04 / 0.06)
     assert m["mfu"] is None and m["peak_flops_per_device"] is None  # CPU: no peak, no MFU
-    single = timing.run_metrics({**stats, "comm_total_s": 0.0}, world_size=1, tokens_per_step=1, flops_per_token=1,
-                                payload_bytes=10, device="cpu")
+    single = metrics.run_metrics({**stats, "comm_total_s": 0.0}, world_size=1, tokens_per_step=1, flops_per_token=1,
+                                 payload_bytes=10, device="cpu")
     assert single["busbw_gbps"] is None
 
 
@@ -82,23 +84,23 @@ def test_run_metrics_busbw_and_mfu():
     ("NVIDIA A10G", None), ("Tesla V100-SXM2-16GB", None), (None, None),
 ])
 def test_peak_flops_table(name, peak):
-    assert timing.peak_flops(name) == peak
+    assert metrics.peak_flops(name) == peak
 
 
 def test_trace_records_only_the_first_steps_in_chrome_format(tmp_path):
     path = tmp_path / "sub" / "trace.json"
-    tracer = timing.Tracer(rank=0, max_steps=2)
+    tracer = trace.Tracer(rank=0, max_steps=2)
     tracer.start(MPI.COMM_SELF, str(path))
     timer = timing.PhaseTimer("cpu", tracer=tracer)
     for step in range(3):
         timer.begin_step(step)
         with timer.phase("forward"):
             pass
-        with timer.phase("comm"), timing.traced("communication", "allreduce b0", bucket=0, bytes=64, algorithm="ring"):
+        with timer.phase("comm"), trace.traced("communication", "allreduce b0", bucket=0, bytes=64, algorithm="ring"):
             pass
         timer.end_step()
     assert tracer.finish(MPI.COMM_SELF, str(path)) == str(path)
-    assert timing.active_tracer() is None and timing.traced("communication", "x") is timing._NO_SPAN
+    assert trace.active_tracer() is None and trace.traced("communication", "x") is trace._NO_SPAN
     doc = json.loads(path.read_text())
     events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert {e["args"]["step"] for e in events} == {0, 1}
@@ -106,18 +108,18 @@ def test_trace_records_only_the_first_steps_in_chrome_format(tmp_path):
     assert all(e["ts"] >= 0 and e["dur"] >= 0 and e["pid"] == 0 for e in events)
     bucket = next(e for e in events if e["name"] == "allreduce b0")
     assert bucket["args"] == {"step": 0, "bucket": 0, "bytes": 64, "algorithm": "ring"}
-    assert bucket["tid"] == timing.TRACKS.index("communication")
+    assert bucket["tid"] == trace.TRACKS.index("communication")
     names = {(e["name"], e["args"].get("name")) for e in doc["traceEvents"] if e["ph"] == "M"}
     assert ("process_name", "rank 0") in names and ("thread_name", "communication") in names
 
 
 def test_carved_compress_time_leaves_comm_and_is_traced_with_its_bucket(tmp_path):
-    tracer = timing.Tracer(rank=0, max_steps=1)
+    tracer = trace.Tracer(rank=0, max_steps=1)
     tracer.start(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     timer = timing.PhaseTimer("cpu", tracer=tracer)
     timer.begin_step(0)
     with timer.phase("comm"):
-        with timing.traced("communication", "allreduce b2", bucket=2, bytes=400, algorithm="compressed"):
+        with trace.traced("communication", "allreduce b2", bucket=2, bytes=400, algorithm="compressed"):
             with timer.carve("compress", "comm"):
                 time.sleep(0.003)
             time.sleep(0.001)
@@ -126,7 +128,7 @@ def test_carved_compress_time_leaves_comm_and_is_traced_with_its_bucket(tmp_path
     tracer.finish(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     carved = next(e for e in events if e["name"] == "compress")
-    assert carved["tid"] == timing.TRACKS.index("compression")
+    assert carved["tid"] == trace.TRACKS.index("compression")
     assert carved["args"] == {"step": 0, "bucket": 2, "bytes": 400, "algorithm": "compressed"}
     bucket = next(e for e in events if e["name"] == "allreduce b2")
     assert bucket["ts"] <= carved["ts"] and carved["ts"] + carved["dur"] <= bucket["ts"] + bucket["dur"] + 1
@@ -154,14 +156,14 @@ class FakeCudaEvent:
 def test_cuda_path_resolves_events_only_at_flush_and_maps_them_onto_the_host_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    tracer = timing.Tracer(rank=0, max_steps=1)
+    tracer = trace.Tracer(rank=0, max_steps=1)
     tracer.start(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     timer = timing.PhaseTimer("cuda", tracer=tracer)
     assert timer.cuda
     timer.begin_step(0)
     with timer.phase("forward"):
         time.sleep(0.002)
-    with timer.phase("comm"), timing.traced("communication", "allreduce b0", bucket=0, bytes=8, algorithm="ring"):
+    with timer.phase("comm"), trace.traced("communication", "allreduce b0", bucket=0, bytes=8, algorithm="ring"):
         with timer.carve("compress", "comm"):
             time.sleep(0.002)
     record = timer.end_step()
@@ -178,11 +180,114 @@ def test_cuda_path_resolves_events_only_at_flush_and_maps_them_onto_the_host_clo
     assert events["forward"]["dur"] == pytest.approx(record["forward"] * 1e6, abs=1)
 
 
+def test_a_second_thread_traces_on_its_own_lane_while_the_main_thread_times_phases(tmp_path):
+    """The comm thread's collectives (and its credited times) land beside backward, on a lane of
+    their own, with their step and bucket args, and no event of either thread is lost."""
+    path = tmp_path / "trace.json"
+    tracer = trace.Tracer(rank=0, max_steps=3)
+    tracer.start(MPI.COMM_SELF, str(path))
+    timer = timing.PhaseTimer("cpu", tracer=tracer)
+    n_buckets = 50
+    for step in range(3):
+        timer.begin_step(step)
+        go = threading.Event()
+
+        def comm_thread():
+            go.wait()
+            for b in range(n_buckets):
+                with trace.traced("communication", f"allreduce b{b}", bucket=b, bytes=8, algorithm="ring"):
+                    assert tracer.open_args()["bucket"] == b  # this thread's own span stack
+                    timer.add("comm_total", 0.001)
+
+        worker = threading.Thread(target=comm_thread, name="grad sync")
+        worker.start()
+        with timer.phase("backward"):
+            go.set()
+            for _ in range(n_buckets):
+                with timer.phase("forward"):  # many main-thread events interleaved with the worker's
+                    assert tracer.open_args() == {}  # the worker's open spans are not the main thread's
+        worker.join()
+        with timer.phase("comm"):
+            pass
+        record = timer.end_step()
+        assert record["comm_total"] == pytest.approx(n_buckets * 0.001)
+    tracer.finish(MPI.COMM_SELF, str(path))
+    doc = json.loads(path.read_text())
+    events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    lane = trace.TRACKS.index(trace.COMM_THREAD)
+    buckets = [e for e in events if e["cat"] == "communication"]
+    assert len(buckets) == 3 * n_buckets
+    assert all(e["tid"] == lane for e in buckets)
+    assert sorted((e["args"]["step"], e["args"]["bucket"]) for e in buckets) == [
+        (s, b) for s in range(3) for b in range(n_buckets)]
+    main = [e for e in events if e["cat"] != "communication"]
+    assert len([e for e in main if e["name"] == "forward"]) == 3 * n_buckets
+    assert len([e for e in main if e["name"] == "backward"]) == 3
+    assert all(e["tid"] != lane for e in main)
+    assert {e["tid"] for e in main if e["name"] == "backward"} == {trace.TRACKS.index("compute")}
+    lanes = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert lanes[lane] == "comm thread" and lanes[trace.TRACKS.index("communication")] == "communication"
+
+
+def test_a_third_thread_gets_a_lane_of_its_own(tmp_path):
+    path = tmp_path / "trace.json"
+    tracer = trace.Tracer(rank=0, max_steps=1)
+    tracer.start(MPI.COMM_SELF, str(path))
+    tracer.begin_step(0)
+
+    def record(name):
+        with trace.traced("communication", name):
+            pass
+
+    for name in ("first", "second"):
+        worker = threading.Thread(target=record, args=(name,), name=name)
+        worker.start()
+        worker.join()
+    tracer.finish(MPI.COMM_SELF, str(path))
+    doc = json.loads(path.read_text())
+    tids = {e["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}
+    lanes = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert lanes[tids["first"]] == "comm thread" and lanes[tids["second"]] == "thread second"
+    assert tids["second"] >= len(trace.TRACKS)
+
+
+class _SlowName(str):
+    """A phase name whose hashing runs Python code, so the interpreter may switch threads in the
+    middle of ``record[name] += seconds``: an unlocked read-add-store then loses updates."""
+
+    def __hash__(self):
+        return str.__hash__(self)
+
+
+def test_concurrent_add_from_two_threads_sums_exactly():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        timer = timing.PhaseTimer("cpu")
+        timer.begin_step(0)
+        n = 50_000
+        total, bucket = _SlowName("comm_total"), _SlowName("comm_b0")
+
+        def credit():
+            for _ in range(n):
+                timer.add(total, 1.0)
+                timer.add(bucket, 0.5)
+
+        workers = [threading.Thread(target=credit) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        record = timer.end_step()
+    finally:
+        sys.setswitchinterval(old)
+    assert record["comm_total"] == 2 * n and record["comm_b0"] == n  # exact: ones and halves add exactly
+
 def test_trace_path_that_cannot_be_written_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="--trace"):
-        timing.Tracer(0).start(MPI.COMM_SELF, str(blocker / "trace.json"))
+        trace.Tracer(0).start(MPI.COMM_SELF, str(blocker / "trace.json"))
 
 
 def test_cpu_run_phases_add_up_to_the_step_time(tmp_path):
@@ -190,6 +295,7 @@ def test_cpu_run_phases_add_up_to_the_step_time(tmp_path):
     every figure of the run report."""
     if world.size() != 1:
         pytest.skip("serial test")
+    from mpilm import train
     out = tmp_path / "run"
     summary = train.run([*TINY, "--n-embd", "64", "--block-size", "64", "--steps", "12", "--log-every", "6",
                          "--data", small_corpus(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
@@ -205,6 +311,7 @@ def test_cpu_run_phases_add_up_to_the_step_time(tmp_path):
 
 @pytest.mark.mpi(min_size=2)
 def test_traced_run_merges_every_rank_and_reports_traffic(tmp_path_factory):
+    from mpilm import train
     comm = MPI.COMM_WORLD
     root = Path(comm.bcast(str(tmp_path_factory.mktemp("traced")) if comm.rank == 0 else None))
     corpus = comm.bcast(small_corpus(root) if comm.rank == 0 else None)
