@@ -13,7 +13,7 @@ import torch
 
 from mpilm.bench.__main__ import main as bench_main
 from mpilm.bench.allreduce import parse_bytes
-from mpilm.comm import ring, tuning
+from mpilm.comm import common, tuning
 from mpilm.errors import UsageError
 
 ROW_KEYS = {"size_bytes", "count", "dtype", "algorithm", "world_size", "time_us", "algbw_gbps", "busbw_gbps"}
@@ -23,9 +23,9 @@ SMALL = ["--min-bytes", "4K", "--max-bytes", "64K", "--factor", "4", "--iters", 
 @pytest.fixture(autouse=True)
 def restore_module_settings():
     """In-process runs set the tuning file, the ring segment size and torch's threads: put them back."""
-    segment, threads = ring.SEGMENT_BYTES, torch.get_num_threads()
+    segment, threads = common.SEGMENT_BYTES, torch.get_num_threads()
     yield
-    ring.SEGMENT_BYTES = segment
+    common.SEGMENT_BYTES = segment
     tuning.use_file(None)
     torch.set_num_threads(threads)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from mpi4py import MPI
 
 from mpilm.comm import collectives, p2p, ring, rhd, tree, tuning, world
-from mpilm.comm.collectives import shard_bounds
+from mpilm.comm.common import shard_bounds
 
 COMM = MPI.COMM_WORLD
 P, RANK = COMM.Get_size(), COMM.Get_rank()
@@ -359,3 +360,116 @@ def test_builtin_rules_prefer_low_latency_for_small_messages():
         assert rules == tuning.builtin_rules(p)  # several nodes, or not known
         assert tuning.pick(rules, 4 << 10) == "tree"
         assert tuning.pick(rules, 256 << 20) in ("ring", "rhd")
+
+
+# ---------------------------------------------------------------- what really runs
+class _Comm:
+    """Stands in for a communicator of ``size`` ranks where only the size is asked."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def Get_size(self) -> int:
+        return self.size
+
+
+@pytest.mark.parametrize("aware", [True, False], ids=["cuda-aware", "not-cuda-aware"])
+def test_algorithm_that_runs_follows_the_dispatch(monkeypatch, aware):
+    monkeypatch.setattr(world, "cuda_aware", lambda: aware)
+    two = _Comm(2)
+    for name in collectives.ALGORITHMS:  # host buffers run what was asked
+        assert collectives.algorithm_that_runs(name, "cpu", two) == name
+        assert collectives.algorithm_that_runs(name, torch.device("cpu"), two) == name
+        assert collectives.algorithm_that_runs(name, "cuda:0", _Comm(1)).startswith("none")
+    says = {name: collectives.algorithm_that_runs(name, "cuda", two) for name in collectives.ALGORITHMS}
+    if aware:
+        assert says["ring"] == "ring" and says["rhd"] == "rhd" and says["tree"] == "tree"
+        assert says["mpi"] == "mpi" and says["auto"] == "auto"
+        assert says["shm"] == "ring (shm has no GPU path: CUDA buffers take the ring)"
+        assert says["hier"] == "ring (hier has no GPU path: CUDA buffers take the ring)"
+    else:
+        staged = "staged through host memory: MPI is not CUDA-aware"
+        assert says["ring"] == says["auto"] == f"ring ({staged})"
+        assert says["mpi"] == f"mpi ({staged})"
+        for name in ("rhd", "tree", "shm", "hier"):
+            assert says[name] == f"ring ({staged}; {name} has no staged variant)"
+    with pytest.raises(ValueError, match="algorithm 'nope'"):
+        collectives.algorithm_that_runs("nope", "cpu", two)
+
+
+@pytest.mark.parametrize("aware", [True, False], ids=["cuda-aware", "not-cuda-aware"])
+def test_runner_is_what_the_words_say_and_what_describe_auto_reports(monkeypatch, aware):
+    """``_runner`` (the dispatcher's decision) agrees with ``algorithm_that_runs``' words, and
+    ``describe_auto(..., device=)`` reports what runs after ``auto`` picks."""
+    monkeypatch.setattr(world, "cuda_aware", lambda: aware)
+    two = _Comm(2)
+    monkeypatch.setattr(tuning, "choose", lambda nbytes, comm, dtype=None, tuning_file=None:
+                        "shm" if nbytes < 1000 else "rhd")
+    for name in collectives.ALGORITHMS:
+        for on_cuda, device in ((False, "cpu"), (True, "cuda")):
+            runner = collectives._runner(name, 100, torch.float32, on_cuda, two)
+            assert runner in collectives._RUN
+            words = collectives.algorithm_that_runs(name, device, two)
+            if name == "auto" and words == "auto":
+                continue
+            expected = runner.removeprefix("staged ")
+            assert words.split(" ")[0] == expected, (name, device, runner, words)
+            assert runner.startswith("staged") == ("staged" in words)
+    assert collectives.describe_auto([0, 10, 5000], two) == [(0, "none"), (10, "shm"), (5000, "rhd")]
+    on_gpu = collectives.describe_auto([0, 10, 5000], two, device="cuda")
+    if aware:
+        assert on_gpu == [(0, "none"), (10, "ring"), (5000, "rhd")]
+    else:
+        assert on_gpu == [(0, "none"), (10, "staged ring"), (5000, "staged ring")]
+
+
+def test_allreduce_dispatches_through_the_shared_decision(monkeypatch):
+    called = []
+    comm = _Comm(3)
+    monkeypatch.setattr(collectives, "_runner", lambda algorithm, nbytes, dtype, on_cuda, c, tuning_file=None:
+                        (called.append((algorithm, nbytes, on_cuda, c)), collectives.STAGED_RING)[1])
+    monkeypatch.setitem(collectives._RUN, collectives.STAGED_RING, lambda buf, c, op: called.append(op) or buf)
+    buf = torch.ones(8)
+    assert collectives.allreduce(buf, comm, "shm", "sum") is buf
+    assert called == [("shm", 32, False, comm), "sum"]
+
+
+# ---------------------------------------------------------------- threads
+@pytest.mark.parametrize("mine,theirs", [("ring", "hier"), ("mpi", "tree"), ("rhd", "auto")])
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.collectives
+def test_collectives_from_two_threads_on_two_communicators(mine, theirs):
+    """A communication thread runs collectives on its communicator while the main thread runs
+    others on its own: results exact, and the traffic counted equals the calls run one by one."""
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        pytest.skip("MPI did not grant MPI_THREAD_MULTIPLE")
+    main_comm, thread_comm = COMM.Dup(), COMM.Dup()  # not freed: MPI may reuse handles of cached comms
+    collectives.prepare(main_comm)
+    collectives.prepare(thread_comm)
+    calls, n = 12, 30_011
+
+    def run(comm, algorithm, results):
+        for i in range(calls):
+            buf = torch.full((n,), float(RANK + i))
+            collectives.allreduce(buf, comm, algorithm, "sum")
+            results.append(bool(torch.equal(buf, torch.full((n,), float(P * (P - 1) // 2 + P * i)))))
+
+    def traffic_of(both):
+        COMM.Barrier()
+        before = world.traffic.snapshot()
+        main_results, thread_results = [], []
+        if both:
+            worker = threading.Thread(target=run, args=(thread_comm, theirs, thread_results))
+            worker.start()
+            run(main_comm, mine, main_results)
+            worker.join()
+        else:
+            run(thread_comm, theirs, thread_results)
+            run(main_comm, mine, main_results)
+        after = world.traffic.snapshot()
+        assert all(main_results) and len(main_results) == calls, f"{mine} on the main thread"
+        assert all(thread_results) and len(thread_results) == calls, f"{theirs} on the thread"
+        return {key: after[key] - before[key] for key in after}
+
+    one_by_one = traffic_of(both=False)
+    assert traffic_of(both=True) == one_by_one

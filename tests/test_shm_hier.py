@@ -179,7 +179,7 @@ def test_shm_blocked_reduction_matches_reference(monkeypatch, dtype, protocol, p
 def test_shm_halves_match_reference(dtype, shared):
     """reduce_scatter and allgather; in shared buffers allgather pushes each slice to the peers."""
     from mpilm.comm import shm
-    from mpilm.comm.collectives import shard_bounds
+    from mpilm.comm.common import shard_bounds
 
     comm = _world()
     p, r = comm.Get_size(), comm.Get_rank()
@@ -317,6 +317,89 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+# ---------------------------------------------------------------- shared-memory traffic
+def _counted(call) -> dict:
+    from mpilm.comm import world
+
+    before = world.traffic.snapshot()
+    call()
+    after = world.traffic.snapshot()
+    return {key: after[key] - before[key] for key in after}
+
+
+@pytest.mark.parametrize("case", ["one-shot", "pull", "push", "mixed"])
+def test_shm_allreduce_counts_shared_memory_traffic(monkeypatch, case, path):
+    """Bytes read from / written into the peers' shared memory, from the protocol's shape, on
+    both paths; MPI's sent/received stay put. n elements of e bytes, p ranks, m of them mine:
+    one-shot reads (p-1) n e; pull reads (p-1) m e + (n-m) e; push reads and writes (p-1) m e."""
+    from mpilm.comm import shm
+    from mpilm.comm.common import shard_bounds
+
+    _fake_nodes(monkeypatch, None)
+    comm = _world()
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = 1000 if case == "one-shot" else 100_003  # one-shot: (p-1) x 4000 bytes <= ONESHOT_BYTES
+    e = 4
+    lo, hi = shard_bounds(n, p, r)
+    m = hi - lo
+    shared = case == "push" or (case == "mixed" and r == 0)
+    x = shm.alloc_shared_buffer(n, torch.float32, comm) if case in ("push", "mixed") else None
+    buf = x if shared else torch.empty(n)
+    buf.copy_(_input(n, torch.float32, 3, r))
+    moved = _counted(lambda: shm.allreduce(buf, comm, op="sum"))
+    _assert_close(buf, _reference(n, torch.float32, 3, list(range(p)), "sum"), torch.float32, case)
+    if x is not None:
+        shm.free_shared_buffer(x, comm)
+    assert moved["sent"] == moved["received"] == 0, moved
+    if p == 1:
+        assert moved == dict.fromkeys(moved, 0)
+        return
+    expected = {
+        "one-shot": ((p - 1) * n * e, 0),
+        "pull": ((p - 1) * m * e + (n - m) * e, 0),
+        "mixed": ((p - 1) * m * e + (n - m) * e, 0),  # one private input: everyone pulls
+        "push": ((p - 1) * m * e, (p - 1) * m * e),
+    }[case]
+    assert (moved["shm_read"], moved["shm_written"]) == expected, (case, path, moved)
+    # over the node: what is written into peers is what they did not have to read (push), and
+    # every rank's result came out of shared memory once (pull: (p-1) n e read to reduce + (p-1) n e to gather)
+    from mpi4py import MPI
+
+    totals = np.array([moved["shm_read"], moved["shm_written"]], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, totals)
+    if case in ("pull", "mixed"):
+        assert totals.tolist() == [2 * (p - 1) * n * e, 0]
+    elif case == "push":
+        assert totals.tolist() == [(p - 1) * n * e, (p - 1) * n * e]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_shm_halves_count_shared_memory_traffic(monkeypatch, shared):
+    from mpilm.comm import shm
+    from mpilm.comm.common import shard_bounds
+
+    _fake_nodes(monkeypatch, None)
+    comm = _world()
+    p, r = comm.Get_size(), comm.Get_rank()
+    n, e = 50_001, 8
+    m = shard_bounds(n, p, r)[1] - shard_bounds(n, p, r)[0]
+    x = shm.alloc_shared_buffer(n, torch.float64, comm) if shared else torch.empty(n, dtype=torch.float64)
+    x.copy_(_input(n, torch.float64, 4, r))
+    scattered = _counted(lambda: shm.reduce_scatter(x, comm, op="sum"))
+    gathered = _counted(lambda: shm.allgather(x, comm))
+    _assert_close(x, _reference(n, torch.float64, 4, list(range(p)), "sum"), torch.float64, "halves")
+    if shared:
+        shm.free_shared_buffer(x, comm)
+    if p == 1:
+        assert scattered == dict.fromkeys(scattered, 0) and gathered == scattered
+        return
+    assert scattered == {"sent": 0, "received": 0, "shm_read": (p - 1) * m * e, "shm_written": 0}
+    if shared:  # push: my slice stored into every peer's buffer
+        assert gathered == {"sent": 0, "received": 0, "shm_read": 0, "shm_written": (p - 1) * m * e}
+    else:  # pull: the peers' slices read out of their scratch
+        assert gathered == {"sent": 0, "received": 0, "shm_read": (n - m) * e, "shm_written": 0}
+
+
 # ---------------------------------------------------------------- hier
 @pytest.mark.parametrize("ranks_per_node", [None, 1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -334,6 +417,33 @@ def test_hier_matches_reference(monkeypatch, ranks_per_node, dtype):
             what = f"hier {op} n={n} {dtype} {ranks_per_node} ranks per node"
             _assert_close(x, _reference(n, dtype, seed, everyone, op), dtype, what)
             _assert_identical_on(comm, x, what)
+
+
+@pytest.mark.parametrize("ranks_per_node", [None, 1, 2])
+def test_hier_counts_shared_memory_inside_nodes_and_mpi_across(monkeypatch, ranks_per_node):
+    """Inside a node hier pulls its peers' regions (private buffer) through shared memory, counted
+    in shm_read; across nodes its ring/rhd count sent/received."""
+    from mpilm.comm import hier
+
+    _fake_nodes(monkeypatch, ranks_per_node)
+    comm = _world()
+    n, e = 70_001, 4
+    x = _input(n, torch.float32, 6, comm.Get_rank())
+    moved = _counted(lambda: hier.allreduce(x, comm, op="avg"))
+    _assert_close(x, _reference(n, torch.float32, 6, list(range(comm.Get_size())), "avg"), torch.float32, "hier")
+    layout = hier._layout(comm) if comm.Get_size() > 1 else None
+    if layout is None:
+        assert moved == dict.fromkeys(moved, 0)
+        return
+    k, me = layout.node.Get_size(), layout.node.Get_rank()
+    lo, hi = layout.bounds(n)[me]
+    m = hi - lo
+    if layout.nodes == 1:  # plain shm: pull, or one-shot if small (it is not)
+        assert moved["shm_read"] == (k - 1) * m * e + (n - m) * e and moved["sent"] == 0
+        return
+    assert moved["shm_read"] == ((k - 1) * m * e + (n - m) * e if k > 1 else 0), moved
+    assert moved["shm_written"] == 0
+    assert moved["sent"] > 0 and moved["received"] > 0
 
 
 def test_hier_through_dispatcher_with_shared_buffer(monkeypatch):

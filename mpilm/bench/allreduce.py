@@ -33,7 +33,7 @@ import torch
 from mpi4py import MPI
 
 from mpilm.bench import parse_algorithms, pyplot
-from mpilm.comm import collectives, ring, shm, tuning, world
+from mpilm.comm import collectives, common, shm, tuning, world
 from mpilm.errors import UsageError
 
 DESCRIPTION = "allreduce bandwidth/latency sweep of every algorithm vs MPI_Allreduce (nccl-tests style)"
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed iterations per point (default %(default)s; fewer only for smoke tests)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per algorithm and size (default %(default)s)")
     parser.add_argument("--segment-bytes", default=None,
-                        help="ring/rhd message segment size, K/M suffixes (default: mpilm.comm.ring.SEGMENT_BYTES)")
+                        help="ring/rhd/tree message segment size, K/M suffixes (default: mpilm.comm.common.SEGMENT_BYTES)")
     parser.add_argument("--shared-buffer", action="store_true",
                         help="allocate the message in the node's shared-memory window, as training does for "
                              "shm/hier/auto (every algorithm then reads the same memory)")
@@ -242,13 +242,13 @@ def run(args) -> None:
     _check_writable(args)
     if args.tuning_file is not None:
         tuning.use_file(args.tuning_file)
-    default_segment = ring.SEGMENT_BYTES
+    default_segment = common.SEGMENT_BYTES
     if settings["segment"] is not None:
-        ring.SEGMENT_BYTES = settings["segment"]
+        common.SEGMENT_BYTES = settings["segment"]
     try:
         _sweep(args, settings)
     finally:
-        ring.SEGMENT_BYTES = default_segment
+        common.SEGMENT_BYTES = default_segment
 
 
 def _sweep(args, settings: dict) -> None:
@@ -262,7 +262,7 @@ def _sweep(args, settings: dict) -> None:
     world.say(f"# mpilm allreduce: {p} ranks ({rpn} per node), {dtype_label}, op sum, "
               f"median of {args.iters} iterations after {args.warmup} warm-up, time = slowest rank"
               + (", message in node shared memory" if args.shared_buffer else ""))
-    world.say(f"# {world.library_version()}; ring segment {human_bytes(ring.SEGMENT_BYTES)}"
+    world.say(f"# {world.library_version()}; ring segment {human_bytes(common.SEGMENT_BYTES)}"
               + ("; --tune: timing candidates, auto not run" if args.tune else ""))
     if args.iters < RECOMMENDED_ITERS:
         world.say(f"# note: --iters {args.iters} < {RECOMMENDED_ITERS}: smoke-test numbers, do not quote them")

@@ -5,17 +5,26 @@ Public API (kept stable; grad sync, ZeRO-1 and the benchmarks call it):
     reduce_scatter(buf, comm=None, op="avg", algorithm="ring") -> this rank's reduced slice (a view)
     allgather(buf, comm=None, algorithm="ring") -> buf, every slice filled from its owner
     shard_bounds(n, p, r) -> (start, stop) of rank r's slice: the one definition of ownership
-    describe_auto(sizes_bytes, comm=None, dtype=torch.float32) -> [(size, algorithm), ...]
+    describe_auto(sizes_bytes, comm=None, dtype=torch.float32, device=None) -> [(size, algorithm), ...]
+    algorithm_that_runs(name, device, comm=None) -> what ``allreduce(..., name)`` really runs, in words
     prepare(comm=None): the collective first-use set-up, done up front (before a comm thread starts)
-    ALGORITHMS: the names ``allreduce`` accepts
+    ALGORITHMS, REDUCE_SCATTER_ALGORITHMS: the names ``allreduce`` / the halves accept
 
 Algorithms (each in its own module, all taking ``(buf, comm, op)``):
     ring  segmented, pipelined ring (``ring.py``): bandwidth-optimal, for large messages
     rhd   Rabenseifner halving/doubling (``rhd.py``): 2 lg p latency steps, medium/large messages
     tree  recursive doubling (``tree.py``): lg p steps of the whole vector, small messages
     shm   node shared-memory allreduce (``shm.py``), hier  node-aware two-level (``hier.py``)
-    mpi   the MPI library's own ``MPI_Allreduce`` (the baseline)
+    mpi   the MPI library's own ``MPI_Allreduce`` (``mpi.py``, the baseline)
     auto  per message size and world size, from the thresholds in ``tuning.py``
+
+What runs is decided in one place, ``_runner`` (``algorithm_that_runs`` and ``describe_auto``
+report from the same code): CUDA tensors with an MPI that is not CUDA-aware go through host
+memory (``staging.py``: the staged ring for every name but ``mpi``, which runs the library on
+host copies); with a CUDA-aware MPI, ``shm`` and ``hier`` (host memory only) run the ring.
+
+Imports flow one way: this module imports every algorithm module and nothing imports it back
+(see ``common.py`` for the graph).
 
 Every rank must call with the same length, dtype, algorithm and op; ``auto`` chooses from those
 replicated values only, so all ranks run the same algorithm. Any length (0 included), any world
@@ -27,92 +36,61 @@ What it does not: no bucketing or overlap with backward (``grad_sync.py``), no c
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, tuning, world
+from mpilm.comm import common, hier, mpi, p2p, rhd, ring, shm, staging, tree, tuning, world
+from mpilm.comm.common import ALGORITHMS, REDUCE_SCATTER_ALGORITHMS, shard_bounds  # noqa: F401 (public names)
 
-ALGORITHMS = ("ring", "rhd", "tree", "shm", "hier", "mpi", "auto")
-# what reduce_scatter / allgather accept (both give rank r the shard_bounds slice r)
-REDUCE_SCATTER_ALGORITHMS = ("ring", "mpi")
-_HALF_TYPES = (torch.float16, torch.bfloat16)
+STAGED_RING = "staged ring"  # runner names of the host-staged pipelines
+STAGED_MPI = "staged mpi"
+
+# runner name -> allreduce(buf, comm, op)
+_RUN = {
+    "ring": ring.allreduce,
+    "rhd": rhd.allreduce,
+    "tree": tree.allreduce,
+    "shm": shm.allreduce,
+    "hier": hier.allreduce,
+    "mpi": mpi.allreduce,
+    STAGED_RING: lambda buf, comm, op: staging.allreduce_staged(buf, comm, "ring", op),
+    STAGED_MPI: lambda buf, comm, op: staging.allreduce_staged(buf, comm, "mpi", op),
+}
 
 
-def shard_bounds(n: int, p: int, r: int) -> tuple[int, int]:
-    """Rank r's contiguous slice of n elements split over p ranks (sizes differ by at most 1)."""
-    return r * n // p, (r + 1) * n // p
+def _route(algorithm: str, on_cuda: bool) -> str:
+    """The runner for ``algorithm`` (``auto`` included, unresolved) on a call that moves data.
+
+    Host buffers run what was asked; ``_runner`` takes that exit inline on its hot path."""
+    if not on_cuda:
+        return algorithm
+    if not world.cuda_aware():
+        return STAGED_MPI if staging.staged_algorithm(algorithm) == "mpi" else STAGED_RING
+    if algorithm in common.HOST_ONLY:
+        return "ring"  # no CUDA IPC: GPUs of a node meet through the ring
+    return algorithm
 
 
-def _check(buf: torch.Tensor, algorithm: str, op: str, choices: tuple[str, ...], what: str) -> None:
-    if op not in ("sum", "avg"):
-        raise ValueError(f"{what}: op {op!r}: expected 'sum' or 'avg'")
-    if algorithm not in choices:
-        raise ValueError(f"{what}: algorithm {algorithm!r}: expected one of {', '.join(choices)}")
-    if buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"{what}: expected a 1-D contiguous tensor, got shape {tuple(buf.shape)}")
+def _runner(algorithm: str, nbytes: int, dtype: torch.dtype, on_cuda: bool, comm: MPI.Comm,
+            tuning_file=None) -> str:
+    """What ``allreduce`` runs for a message of ``nbytes`` (> 0) on ``comm`` (> 1 rank): a key of
+    ``_RUN``. The one decision: the dispatch, ``describe_auto`` and ``algorithm_that_runs`` use it."""
+    if not on_cuda:  # the hot path: host buffers run what was asked (auto: what it picks)
+        return tuning.choose(nbytes, comm, dtype, tuning_file) if algorithm == "auto" else algorithm
+    runner = _route(algorithm, True)
+    if runner == "auto":
+        runner = _route(tuning.choose(nbytes, comm, dtype, tuning_file), True)
+    return runner
 
 
 def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = "auto", op: str = "avg"):
     """Sum (``op="sum"``) or average (``op="avg"``) ``buf`` over ``comm`` in place; returns ``buf``."""
     comm = comm or world.WORLD
-    _check(buf, algorithm, op, ALGORITHMS, "allreduce")
-    if buf.is_cuda and not world.cuda_aware():
-        from mpilm.comm import staging  # lazy: CUDA staging through host memory (other module)
-
-        return staging.allreduce_staged(buf, comm, algorithm, op)
+    common.check(buf, "allreduce", op, algorithm)
     p = comm.Get_size()
     if p == 1 or buf.numel() == 0:
-        return _finish(buf, p, op)
-    if algorithm == "auto":
-        algorithm = tuning.choose(buf.nbytes, comm, buf.dtype)
-    if algorithm == "mpi":
-        return mpi_allreduce(buf, comm, op)
-    return _module(algorithm).allreduce(buf, comm, op)
-
-
-_modules: dict = {}
-
-
-def _module(algorithm: str):
-    """The module implementing ``algorithm``, imported on first use.
-
-    Lazy because shm and hier are written separately (this file works without them) and because
-    ring/rhd/tree import ``shard_bounds`` from here.
-    """
-    module = _modules.get(algorithm)
-    if module is None:
-        module = _modules[algorithm] = importlib.import_module(f"mpilm.comm.{algorithm}")
-    return module
-
-
-def _finish(buf: torch.Tensor, p: int, op: str) -> torch.Tensor:
-    return p2p.finish(buf, p, op)
-
-
-def mpi_allreduce(buf: torch.Tensor, comm: MPI.Comm, op: str = "avg") -> torch.Tensor:
-    """The MPI library's own Allreduce, in place.
-
-    Half types are widened to an fp32 copy, reduced by MPI and narrowed back (MPI has no bf16 and
-    its fp16 support is an optional extension). Traffic is an estimate: MPI does not say what it
-    moved, so we count a bandwidth-optimal ring's 2(p-1)/p x the bytes handed to MPI each way.
-    """
-    p = comm.Get_size()
-    if p == 1 or buf.numel() == 0:
-        return _finish(buf, p, op)
-    wide = buf.float() if buf.dtype in _HALF_TYPES else buf
-    if buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()  # device sync: MPI reads finished data
-    comm.Allreduce(MPI.IN_PLACE, world.buf(wide), op=MPI.SUM)  # blocks until every rank contributed
-    estimate = 2 * (p - 1) * wide.numel() * wide.element_size() // p
-    world.traffic.add(sent=estimate, received=estimate)
-    if wide is not buf:
-        if op == "avg":
-            wide.div_(p)  # in fp32, so the half result is rounded once
-        buf.copy_(wide)
-        return buf
-    return _finish(buf, p, op)
+        return common.finish(buf, p, op)
+    return _RUN[_runner(algorithm, buf.nbytes, buf.dtype, buf.is_cuda, comm)](buf, comm, op)
 
 
 def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg",
@@ -123,59 +101,32 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
     ``algorithm``: ``ring`` (mpilm's pipelined ring) or ``mpi`` (``MPI_Reduce_scatter``).
     """
     comm = comm or world.WORLD
-    _check(buf, algorithm, op, REDUCE_SCATTER_ALGORITHMS, "reduce_scatter")
-    p, r = comm.Get_size(), comm.Get_rank()
-    lo, hi = shard_bounds(buf.numel(), p, r)
-    mine = buf[lo:hi]
-    if p == 1 or buf.numel() == 0:
-        return _finish(mine, p, op)
-    if algorithm == "ring":
-        _module("ring").reduce_scatter_sum(buf, comm)
-        return _finish(mine, p, op)
-    # mpi: the library's Reduce_scatter on an fp32 (or native fp64) copy; cold path, not in place
-    wide = buf.float() if buf.dtype in _HALF_TYPES else buf  # only read: the result lands apart
-    counts = [shard_bounds(buf.numel(), p, q)[1] - shard_bounds(buf.numel(), p, q)[0] for q in range(p)]
-    result = torch.empty(hi - lo, dtype=wide.dtype, device=wide.device)
-    if buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()  # device sync: MPI reads finished data
-    comm.Reduce_scatter(world.buf(wide), world.buf(result), counts, op=MPI.SUM)  # blocks on all ranks
-    estimate = (p - 1) * wide.numel() * wide.element_size() // p
-    world.traffic.add(sent=estimate, received=estimate)
-    if op == "avg":
-        result.div_(p)
-    mine.copy_(result)
-    return mine
+    common.check(buf, "reduce_scatter", op, algorithm, REDUCE_SCATTER_ALGORITHMS)
+    if algorithm == "mpi":
+        return mpi.reduce_scatter(buf, comm, op)
+    p = comm.Get_size()
+    lo, hi = shard_bounds(buf.numel(), p, comm.Get_rank())
+    ring.reduce_scatter_sum(buf, comm)  # nothing to do on one rank or an empty buffer
+    return common.finish(buf[lo:hi], p, op)
 
 
 def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = "ring") -> torch.Tensor:
     """Fill every rank's ``shard_bounds`` slice of ``buf`` from that rank, in place; returns ``buf``."""
     comm = comm or world.WORLD
-    _check(buf, algorithm, "sum", REDUCE_SCATTER_ALGORITHMS, "allgather")
-    p = comm.Get_size()
-    if p == 1 or buf.numel() == 0:
-        return buf
-    if algorithm == "ring":
-        _module("ring").allgather(buf, comm)
-        return buf
-    n = buf.numel()
-    counts = [shard_bounds(n, p, q)[1] - shard_bounds(n, p, q)[0] for q in range(p)]
-    displs = [shard_bounds(n, p, q)[0] for q in range(p)]
-    memory, _, datatype = world.buf(buf)
-    if buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()  # device sync: MPI reads finished data
-    comm.Allgatherv(MPI.IN_PLACE, [memory, counts, displs, datatype])  # blocks on all ranks
-    estimate = (p - 1) * n * buf.element_size() // p
-    world.traffic.add(sent=estimate, received=estimate)
+    common.check(buf, "allgather", "sum", algorithm, REDUCE_SCATTER_ALGORITHMS)
+    if algorithm == "mpi":
+        return mpi.allgather(buf, comm)
+    ring.allgather(buf, comm)  # nothing to do on one rank or an empty buffer
     return buf
 
 
 def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
     """Do every collective first-use set-up on ``comm`` now: call on all ranks, from the main thread.
 
-    The algorithms create a private duplicate of ``comm`` and ``auto`` loads its tuning table on
-    first use; both are collective over ``comm``. A trainer that later calls ``allreduce`` from a
-    communication thread calls this first, so that set-up never races its main thread's own
-    collectives on the same communicator.
+    The algorithms (``mpi`` and the host staging included) create a private duplicate of
+    ``comm`` and ``auto`` loads its tuning table on first use; both are collective over ``comm``.
+    A trainer that later calls ``allreduce`` from a communication thread calls this first, so
+    that set-up never races its main thread's own collectives on the same communicator.
     """
     comm = comm or world.WORLD
     p2p.group(comm)
@@ -184,14 +135,47 @@ def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
 
 
 def describe_auto(sizes_bytes, comm: MPI.Comm | None = None, dtype: torch.dtype = torch.float32,
-                  tuning_file=None) -> list[tuple[int, str]]:
+                  tuning_file=None, device=None) -> list[tuple[int, str]]:
     """What ``algorithm="auto"`` runs for each message size (bytes) of ``dtype`` on ``comm``.
 
     Returns ``[(size_bytes, algorithm), ...]``; ``"none"`` where nothing moves (one rank, or an
-    empty message). Collective on first use per communicator (it loads and broadcasts the tuning
-    table), so call it on every rank.
+    empty message). With ``device`` (of the buffers), the names say what really runs there:
+    ``"ring"`` where ``auto`` picks ``shm`` for CUDA buffers, ``"staged ring"`` (or ``"staged
+    mpi"``) when MPI is not CUDA-aware. Collective on first use per communicator (it loads and
+    broadcasts the tuning table), so call it on every rank.
     """
     comm = comm or world.WORLD
     if comm.Get_size() == 1:
         return [(int(s), "none") for s in sizes_bytes]
-    return [(int(s), tuning.choose(int(s), comm, dtype, tuning_file) if s > 0 else "none") for s in sizes_bytes]
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return [(int(s), _runner("auto", int(s), dtype, on_cuda, comm, tuning_file) if s > 0 else "none")
+            for s in sizes_bytes]
+
+
+_NOT_CUDA_AWARE = "staged through host memory: MPI is not CUDA-aware"
+
+
+def algorithm_that_runs(name: str, device, comm: MPI.Comm | None = None) -> str:
+    """What ``allreduce(buf, comm, name)`` really runs for non-empty buffers on ``device``, in words.
+
+    ``"ring"``, ``"shm"``... when the name runs as asked; ``"ring (shm has no GPU path: CUDA
+    buffers take the ring)"``; ``"ring (staged through host memory: MPI is not CUDA-aware)"``
+    (plus ``"; rhd has no staged variant"`` for names other than ring and auto); ``"mpi (staged
+    through host memory: ...)"``; ``"none (one rank: nothing to exchange)"``. ``"auto"`` stays
+    ``"auto"`` where it chooses per message size: ``describe_auto(sizes, comm, device=device)``
+    says what it picks. Decided by the dispatcher's own code (``_route``); not collective.
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm_that_runs: algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
+    comm = comm or world.WORLD
+    if comm.Get_size() == 1:
+        return "none (one rank: nothing to exchange)"
+    runner = _route(name, torch.device(device).type == "cuda")
+    if runner == STAGED_MPI:
+        return f"mpi ({_NOT_CUDA_AWARE})"
+    if runner == STAGED_RING:
+        return f"ring ({_NOT_CUDA_AWARE})" if name in ("ring", "auto") else \
+            f"ring ({_NOT_CUDA_AWARE}; {name} has no staged variant)"
+    if runner != name:
+        return f"{runner} ({name} has no GPU path: CUDA buffers take the {runner})"
+    return runner

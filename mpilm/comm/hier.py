@@ -5,11 +5,12 @@ One call, on every node at once:
 1. ``shm`` reduce-scatter inside the node: every node rank sums its region of the buffer
    straight from its node peers' shared memory (no network);
 2. for each slice, the ranks that own that slice on every node allreduce it over the network,
-   with ``collectives.allreduce(..., "ring" or "rhd")`` on a cached slice communicator, in place
-   in shared memory, then divide by the total number of ranks for ``avg``;
+   with ``ring.allreduce`` or ``rhd.allreduce`` on a cached slice communicator, in place in
+   shared memory, then divide by the total number of ranks for ``avg``;
 3. ``shm`` allgather inside the node: every rank copies the finished regions of its node peers.
-Steps 1-3 are one ``shm`` call with step 2 run between its reduce and gather halves, so the
-buffer is copied into shared memory once (not at all if it came from ``shm.alloc_shared_buffer``).
+Steps 1-3 are one ``shm.allreduce_split`` call with step 2 run between its reduce and gather
+halves, so the buffer is copied into shared memory once (not at all if it came from
+``shm.alloc_shared_buffer``).
 
 Slice alignment with uneven nodes (e.g. ``-np 5`` with ``MPILM_RANKS_PER_NODE=2``: nodes of 2,
 2 and 1 ranks): every node cuts the buffer into the same L slices, L = the largest number of
@@ -21,12 +22,16 @@ ordered by node; every rank walks its slices in increasing j, so a rank with sev
 waits on a cycle. A smaller node's ranks carry more of the inter-node traffic: the price of uneven
 nodes, paid only where they are uneven.
 
-Byte accounting: step 2 goes through ``collectives`` and is counted there in ``world.traffic``;
-steps 1 and 3 read shared memory, which is not network traffic and is not counted.
+Byte accounting: step 2 is counted by ring/rhd in ``world.traffic.sent`` / ``received``; steps
+1 and 3 read (and, with shared buffers, write) the node peers' shared memory, counted by ``shm``
+in ``world.traffic.shm_read`` / ``shm_written``.
 
-Limits: host memory (CUDA tensors use the device ring, staged through host memory when MPI is not
+Limits: host memory (CUDA tensors raise ValueError here; ``collectives.allreduce(...,
+"hier")`` runs the device ring for them, staged through host memory when MPI is not
 CUDA-aware); the same length and dtype on every rank, as for any allreduce. Communicators are
 created collectively on first use per (communicator, node layout) and cached.
+
+Imports: ``shm`` (public API only), ``ring``, ``rhd``, ``common``, ``world``; nothing above.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import shm, world
-from mpilm.comm.collectives import shard_bounds
+from mpilm.comm import common, rhd, ring, shm, world
+from mpilm.comm.common import shard_bounds
 
 # slices below this size cross the network with recursive halving-doubling (fewer latencies),
 # larger ones with the bandwidth-optimal ring
@@ -96,22 +101,18 @@ def _layout(comm: MPI.Comm) -> _Layout:
     return _layout_cached(comm.py2f(), node.py2f())
 
 
-def _inter_node_algorithm(nbytes: int) -> str:
-    return "rhd" if nbytes < RHD_BELOW_BYTES else "ring"
+def _inter_node_algorithm(nbytes: int):
+    return rhd if nbytes < RHD_BELOW_BYTES else ring
 
 
 def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
     """Allreduce ``buf`` in place over ``comm`` (any number of nodes, even or uneven)."""
-    from mpilm.comm import collectives  # lazily: collectives dispatches to this module lazily
-
-    shm._check(buf, op, "hier")
+    shm.check(buf, op, "hier")
     comm = comm or world.WORLD
-    if buf.is_cuda:
-        return shm._on_device(buf, comm, op)
     p = comm.Get_size()
     n = buf.numel()
     if p == 1 or n == 0:
-        return buf.div_(p) if op == "avg" and p > 1 else buf
+        return common.finish(buf, p, op)
     layout = _layout(comm)
     if layout.nodes == 1:
         return shm.allreduce(buf, comm, op)
@@ -126,11 +127,9 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") 
             piece = region[lo - region_lo : hi - region_lo]
             algorithm = _inter_node_algorithm(piece.numel() * piece.element_size())
             # blocks until the owners of slice j on every node have joined
-            collectives.allreduce(piece, layout.slice_comms[j], algorithm=algorithm, op="sum")
+            algorithm.allreduce(piece, layout.slice_comms[j], op="sum")
         if op == "avg":
             region.div_(p)
 
-    if layout.node.Get_size() == 1:  # alone on my node: my buffer is the node's partial sum
-        across_nodes(buf)
-        return buf
-    return shm._group(layout.node).run(buf, "allreduce", layout, 1, between=across_nodes)
+    # alone on my node, my buffer is the node's partial sum: allreduce_split runs across_nodes(buf)
+    return shm.allreduce_split(buf, layout.node, layout, across_nodes)

@@ -8,22 +8,25 @@ What it does:
 - ``Wire``: one tensor's zero-copy MPI view; ``wire.seg(lo, hi)`` is the ``[memory, count, type]``
   spec of elements ``[lo, hi)`` (an address-based buffer on the host, the tensor itself on CUDA;
   no copies).
-- ``segment_elems`` / ``segments(lo, hi, seg)``: the one definition of how a range is cut into
-  messages; sender and receiver of a range both call it with the same arguments, so their
-  messages match one to one.
-- ``scratch(like, n, slot)``: segment-sized receive buffers (with their ``Wire``), allocated
-  once per (thread, device, dtype, slot) and grown only when a larger segment is asked for, so
-  hot paths do not allocate.
+- ``scratch(like, n, slot)``: segment-sized receive buffers (``common.scratch``) with their
+  ``Wire``, cached per (thread, device, dtype, slot, size), so hot paths neither allocate nor
+  re-derive buffer specs.
 - ``send_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range sent as segments,
   and a range received segment by segment into a small window of scratch buffers and added into
   its destination while the next segments are still in flight.
 - ``exchange``: a swap of two disjoint ranges with a peer, received straight into place, cut into
   segments when it is longer than one (the allgather half of ``rhd``).
-- ``finish(t, p, op)``: the divide of ``op="avg"``.
 - ``device_sync(t)``: waits for queued CUDA work on ``t`` before MPI reads or rewrites it.
+
+How a range is cut into messages (``common.segments``), the divide of ``op="avg"``
+(``common.finish``) and the argument checks live in ``common.py``.
 
 What it does not: choose algorithms (``collectives.py``) or count traffic: functions that move
 bytes return them and each algorithm adds its totals to ``world.traffic`` once.
+
+Threads: the private duplicate is cached on its communicator (an MPI attribute), the scratch
+buffers per thread, so a communication thread and the main thread may each run collectives on
+their own communicator at the same time (MPI must then grant ``MPI_THREAD_MULTIPLE``).
 
 Limits: messages on one private communicator are matched in posting order (MPI's non-overtaking
 rule), so a collective must not run concurrently with another one on the same communicator from a
@@ -37,7 +40,8 @@ import threading
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import world
+from mpilm.comm import common, world
+from mpilm.comm.common import segments
 
 # Receive window: how many segment receives are posted ahead of the one being added. Two is
 # double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
@@ -142,10 +146,10 @@ _MAX_CACHED_VIEWS = 256
 def scratch(like: torch.Tensor, n: int, slot: int = 0, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Wire]:
     """A reusable ``n``-element buffer and its ``Wire``, for receives and staging.
 
-    One allocation per (thread, device, dtype, slot), grown when a larger ``n`` is asked for; the
-    ``n``-element view and its MPI spec are cached per size too, so a hot loop neither allocates
-    nor re-derives buffer specs. Per thread, so a communication thread and the main thread never
-    share a buffer.
+    The memory is ``common.scratch``'s (one allocation per thread, device, dtype and slot, grown
+    when a larger ``n`` is asked for); the ``n``-element view and its MPI spec are cached per size
+    too, so a hot loop neither allocates nor re-derives buffer specs. Per thread, so a
+    communication thread and the main thread never share a buffer.
     """
     dtype = dtype or like.dtype
     views = getattr(_local, "views", None)
@@ -156,63 +160,20 @@ def scratch(like: torch.Tensor, n: int, slot: int = 0, dtype: torch.dtype | None
     hit = views.get(key)
     if hit is not None:
         return hit
+    view = common.scratch(("p2p", slot), n, dtype, like.device)
     base_key = key[:3]
-    base = _local.bases.get(base_key)
-    if base is None or base.numel() < n:
-        base = _local.bases[base_key] = torch.empty(max(n, 1), dtype=dtype, device=like.device)
-        views.clear()  # views of the old allocation must not outlive it in the cache
-    if len(views) >= _MAX_CACHED_VIEWS:
-        views.clear()
-    view = base[:n]
+    base = view.untyped_storage().data_ptr()
+    if _local.bases.get(base_key) != base or len(views) >= _MAX_CACHED_VIEWS:
+        _local.bases[base_key] = base
+        views.clear()  # views of an old allocation must not keep it alive from the cache
     hit = views[key] = (view, Wire(view))
     return hit
-
-
-def segment_elems(itemsize: int, segment_bytes: int | None, default_bytes: int) -> int:
-    """Elements of ``itemsize`` bytes per message: ``segment_bytes`` (or the default) worth."""
-    size = default_bytes if segment_bytes is None else segment_bytes
-    if size < 1:
-        raise ValueError(f"segment_bytes={size}: must be >= 1")
-    return max(1, size // itemsize)
-
-
-def segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` cut into messages of ``seg`` elements (the last one shorter)."""
-    return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
 
 
 def device_sync(t: torch.Tensor) -> None:
     """Wait until queued CUDA work has written ``t`` (MPI reads device memory behind torch's back)."""
     if t.is_cuda:
         torch.cuda.current_stream(t.device).synchronize()  # device sync: MPI must see finished data
-
-
-_divisors: dict = {}
-
-
-def finish(t: torch.Tensor, p: int, op: str) -> torch.Tensor:
-    """Divide by the world size for ``op="avg"`` (in place); returns ``t``.
-
-    fp32/fp64 divide by a cached 0-dim tensor of their own dtype: the same correctly rounded
-    quotient as ``div_(p)`` (p is exact in both) without torch wrapping a Python number on every
-    call, which costs more than the division itself on small buckets. Half types divide by the
-    Python number, which torch applies in fp32 (a half-typed divisor would round p above 256/2048).
-    """
-    if op == "avg" and p > 1:
-        if t.dtype in (torch.float32, torch.float64):
-            key = (p, t.dtype)
-            divisor = _divisors.get(key)
-            if divisor is None:
-                divisor = _divisors[key] = torch.tensor(float(p), dtype=t.dtype)
-            t.div_(divisor)
-        else:
-            t.div_(p)
-    return t
-
-
-def check_op(op: str) -> None:
-    if op not in ("sum", "avg"):
-        raise ValueError(f"allreduce: op {op!r}: expected 'sum' or 'avg'")
 
 
 def send_segments(comm: MPI.Comm, peer: int, wire: Wire, lo: int, hi: int, seg: int, tag: int) -> list:

@@ -16,7 +16,7 @@ bandwidth term with only 2 lg p' latency steps instead of 2(p-1), which makes it
 medium messages and for large ones at power-of-two p; the fold-in makes the ring better for very
 large messages at other world sizes.
 
-Every transfer moves as segments of ``ring.SEGMENT_BYTES``, the doubling too (``p2p.exchange``:
+Every transfer moves as segments of ``common.SEGMENT_BYTES``, the doubling too (``p2p.exchange``:
 one multi-megabyte message ran at half a TCP link's rate). Those added into the buffer go through
 a small window of cached scratch slots (``p2p.exchange_reduce``), so no temporary larger than a
 segment exists, also for the fold-in. Half types travel and add in their own type, as in the ring (see
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, ring, world
-from mpilm.comm.collectives import shard_bounds
+from mpilm.comm import common, p2p, world
+from mpilm.comm.common import shard_bounds
 
 _TAG_FOLD = 21
 _TAG_HALVING = 22
@@ -39,15 +39,15 @@ _TAG_UNFOLD = 24
 
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
     """Rabenseifner Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
-    p2p.check_op(op)
+    common.check_op(op, "rhd")
     n = t.numel()
     g = p2p.group(comm)
     p = g.size
     if p == 1 or n == 0:
-        return p2p.finish(t, p, op)
+        return common.finish(t, p, op)
     comm, r = g.comm, g.rank
     core, rem, newrank = g.core, g.rem, g.newrank
-    seg = p2p.segment_elems(t.element_size(), segment_bytes, ring.SEGMENT_BYTES)  # the ring's message size
+    seg = common.segment_elems(t.element_size(), segment_bytes)  # the ring's message size
     wire = p2p.Wire(t)
     nbytes = n * wire.itemsize
     sent = received = 0
@@ -102,7 +102,7 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
             comm.Send(wire.seg(0, n), r - 1, _TAG_UNFOLD)  # blocks until r-1 has taken it
             sent += nbytes
     world.traffic.add(sent=sent, received=received)
-    return p2p.finish(t, p, op)
+    return common.finish(t, p, op)
 
 
 def _block_range(n: int, core: int, first_block: int, nblocks: int) -> tuple[int, int]:

@@ -31,15 +31,11 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, world
-from mpilm.comm.collectives import shard_bounds
+from mpilm.comm import common, p2p, world
+from mpilm.comm.common import segments, shard_bounds
 
-# Message size for pipelining. Large enough that per-message overhead (Python + MPI, ~10 us)
-# stays small against the transfer, small enough that a receive slot stays in cache while it is
-# added and that the pipeline fills quickly. On the development machine (2 ranks, 2-256 MiB
-# messages, ``--segment-bytes`` sweep) 1 and 2 MiB tied, 256 KiB was up to 25% slower and 4 MiB
-# lost at 16 MiB. Override per call with ``segment_bytes=`` or in the bench with --segment-bytes.
-SEGMENT_BYTES = 1 << 20
+# Messages are cut into segments of ``common.SEGMENT_BYTES`` (read at call time; override per
+# call with ``segment_bytes=`` or in the bench with --segment-bytes).
 
 _TAG_REDUCE_SCATTER = 11
 _TAG_ALLGATHER = 12
@@ -53,7 +49,7 @@ class _Plan:
     def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None):
         self.p, self.r = g.size, g.rank
         self.right, self.left = (self.r + 1) % self.p, (self.r - 1) % self.p
-        self.seg = p2p.segment_elems(t.element_size(), segment_bytes, SEGMENT_BYTES)
+        self.seg = common.segment_elems(t.element_size(), segment_bytes)
         self.wire = p2p.Wire(t)
         n = t.numel()
         self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]
@@ -85,15 +81,15 @@ def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None)
 
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
     """Ring Allreduce of ``t`` over ``comm`` in place; returns ``t``."""
-    p2p.check_op(op)
+    common.check_op(op, "ring")
     g = p2p.group(comm)
     if g.size == 1 or t.numel() == 0:
-        return p2p.finish(t, g.size, op)
+        return common.finish(t, g.size, op)
     plan = _Plan(t, g, segment_bytes)
     sent, received = _reduce_scatter(t, g.comm, plan)
     more_sent, more_received = _allgather(t, g.comm, plan)
     world.traffic.add(sent=sent + more_sent, received=received + more_received)
-    return p2p.finish(t, g.size, op)
+    return common.finish(t, g.size, op)
 
 
 def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
@@ -102,7 +98,7 @@ def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, 
     if plan.whole_chunks:
         return _reduce_scatter_whole_chunks(t, comm, plan)
     # every (step, segment) this rank receives, in the order its left neighbour sends them
-    units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 2) % p], seg)]
+    units = [(s, a, b) for s in range(p - 1) for a, b in segments(*chunk[(r - s - 2) % p], seg)]
     p2p.device_sync(t)  # CUDA: the gradients must be written before MPI reads them
     first = chunk[(r - 1) % p]
     sends = p2p.send_segments(comm, right, wire, first[0], first[1], seg, _TAG_REDUCE_SCATTER)
@@ -140,7 +136,7 @@ def _allgather(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
     if plan.whole_chunks:
         return _allgather_whole_chunks(t, comm, plan)
     # receives land directly in their final place; post them all before anything can arrive late
-    units = [(s, a, b) for s in range(p - 1) for a, b in p2p.segments(*chunk[(r - s - 1) % p], seg)]
+    units = [(s, a, b) for s in range(p - 1) for a, b in segments(*chunk[(r - s - 1) % p], seg)]
     recvs = [comm.Irecv(wire.seg(a, b), left, _TAG_ALLGATHER) for _, a, b in units]
     p2p.device_sync(t)  # CUDA: our own slice must be final before MPI reads it
     own = chunk[r]

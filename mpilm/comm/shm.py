@@ -50,12 +50,21 @@ sizes keep memory bounded. Everything left is freed at interpreter exit while MP
 
 Limits:
 - one node only: a ``comm`` spanning several nodes raises ValueError (use ``hier``);
-- host memory only: CUDA tensors are handed to the device ring (``collectives.allreduce(...,
-  "ring")``, which stages through pinned host buffers when MPI is not CUDA-aware); CUDA IPC
-  between GPUs of a node is not implemented;
-- every rank must pass the same length and dtype (checked: a mismatch raises ValueError);
-- shared-memory loads are not network traffic: ``world.traffic`` is left untouched (the only MPI
-  calls are the collective window creations).
+- host memory only: CUDA tensors raise ValueError here; ``collectives.allreduce(...,
+  "shm")`` runs the device ring for them instead (staged through pinned host buffers when MPI is
+  not CUDA-aware; ``collectives.algorithm_that_runs`` says so); CUDA IPC between GPUs of a node
+  is not implemented;
+- every rank must pass the same length and dtype (checked: a mismatch raises ValueError).
+
+Traffic: shared-memory loads and stores are not MPI traffic (``world.traffic.sent`` /
+``received`` stay put: the only MPI calls are the collective window creations), but they are
+what ``shm`` moves between ranks, so every call adds to ``world.traffic.shm_read`` the bytes
+this rank read out of its peers' shared memory and to ``shm_written`` the bytes it stored into
+theirs, counted from the protocol the call took (``_moved``; the same on both paths, computed in
+Python after the call): for n elements of e bytes on p ranks, where this rank's region has m:
+one-shot reads (p-1) n e; push reads and writes (p-1) m e each; pull reads (p-1) m e to reduce
+and (n-m) e to gather. Copies into this rank's own segment (a private input's copy-in, the
+publish of pull) are not counted.
 """
 
 from __future__ import annotations
@@ -69,8 +78,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import world
-from mpilm.comm.collectives import shard_bounds  # collectives imports this module lazily, no cycle
+from mpilm import kernels
+from mpilm.comm import common, world
+from mpilm.comm.common import shard_bounds
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES, start=1)}
@@ -179,7 +189,8 @@ class _Plan:
     """What a call of one shape reads and writes in shared memory, given where every input lies;
     independent of the caller's tensor, so it is cached."""
 
-    __slots__ = ("oneshot", "sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather")
+    __slots__ = ("oneshot", "sources", "publish", "gather_from", "sync_after_reduce", "sync_after_gather",
+                 "read_bytes", "written_bytes")
 
 
 class _NodeGroup:
@@ -394,6 +405,7 @@ class _NodeGroup:
             code = self.native.shm_allreduce(buf.data_ptr(), n, _DTYPE_CODES[dtype], divisor, shape.signature,
                                              window, offset, ONESHOT_BYTES, self.ctx_address)
             if code == _NATIVE_DONE:
+                self._count_native(shape, small)
                 return buf
             if code != _NATIVE_GROW:
                 self._native_failed(code, shape.signature)
@@ -424,6 +436,7 @@ class _NodeGroup:
             # every input lies in the peers' scratch halves, which stay untouched until they pass
             # sync 1 of their next call: sum them all, in rank order, and nothing else to wait for
             self._reduce(local, plan.sources, divisor, shape.wide, ())
+            world.traffic.add(shm_read=plan.read_bytes, shm_written=plan.written_bytes)
             return buf
         own = local[shape.lo : shape.hi]
         if shape.reduce:
@@ -442,10 +455,34 @@ class _NodeGroup:
             _copy(local[q_lo:q_hi], source)
         if plan.sync_after_gather:
             self.arrive_and_wait()  # sync 3: shared buffers are free again for their owners
+        world.traffic.add(shm_read=plan.read_bytes, shm_written=plan.written_bytes)
         return buf
 
     def parity(self) -> int:
         return int(self.ctx[_CTX_CALLS]) & 1
+
+    # ---------------------------------------------------------------- traffic
+    def _moved(self, shape: _Shape, oneshot: bool, push: bool) -> tuple[int, int]:
+        """``(bytes read from the peers' shared memory, bytes written into it)`` by this rank in
+        one call of ``shape`` that took one-shot, push or (neither) pull: the protocol's shape."""
+        e = _ELEMENT_SIZES[shape.dtype]
+        if oneshot:  # every peer's whole input
+            return (self.p - 1) * shape.n * e, 0
+        mine = shape.hi - shape.lo
+        reduced = (self.p - 1) * mine * e if shape.reduce else 0  # the peers' copies of my region
+        if push:  # and my result (allgather: my own slice) stored into every peer's buffer
+            return reduced, (self.p - 1) * mine * e
+        return reduced + ((shape.n - mine) * e if shape.gather else 0), 0  # pull: the peers' regions
+
+    def _count_native(self, shape: _Shape, small: bool) -> None:
+        """Count a C++ allreduce: which protocol it took follows from where the inputs lay, which
+        every rank published for this call (that copy of the descriptions stays put until every
+        peer passed sync 1 of our next call)."""
+        slots = self.slots
+        private = [slots[base + _WINDOW] == _SCRATCH for base in self.description_bases[self.parity()]]
+        oneshot = small and all(private)
+        read, written = self._moved(shape, oneshot, not oneshot and not any(private))
+        world.traffic.add(shm_read=read, shm_written=written)
 
     def _native_failed(self, code: int, signature: int) -> None:
         if code == _NATIVE_MISMATCH:
@@ -461,7 +498,7 @@ class _NodeGroup:
         shape.bounds = split.bounds(n)
         shape.reduce, shape.gather = kind != "allgather", kind != "reduce_scatter"
         shape.as_numpy = dtype in _NUMPY_DTYPES
-        shape.wide = dtype in (torch.float16, torch.bfloat16)
+        shape.wide = common.is_half(dtype)
         # what one-shot would read of the peers' inputs; -1: not an allreduce, never one-shot
         shape.peer_bytes = n * _ELEMENT_SIZES[dtype] * (self.p - 1) if kind == "allreduce" else -1
         if len(self.shapes) >= _CACHE_ENTRIES:
@@ -500,6 +537,7 @@ class _NodeGroup:
                                 for q in self.peers if shape.gather and bounds[q][1] > bounds[q][0]]
             plan.sync_after_reduce = shape.reduce and (shape.gather or not all_private)
             plan.sync_after_gather = shape.gather and not all_private
+        plan.read_bytes, plan.written_bytes = self._moved(shape, plan.oneshot, all_shared and shape.gather)
         if len(self.plans) >= _CACHE_ENTRIES:
             self.plans.clear()
         self.plans[(shape, inputs, small)] = plan
@@ -581,8 +619,6 @@ def _native_module(node: MPI.Comm):
     builds the C++ extension (``mpilm.kernels``, ~40 s, cached); ``MPILM_KERNELS=torch`` or a
     failed build means the Python path, which is slower per call (see the module docstring).
     """
-    from mpilm import kernels  # lazy: the build machinery is only needed by a node group
-
     module = kernels.load()
     usable = module is not None and getattr(module, "shm_context_words", lambda: -1)() == _CTX_WORDS
     everyone = node.allreduce(usable, op=MPI.LAND)  # cold path (once per node group): blocks on every rank
@@ -640,34 +676,43 @@ def _node_of(comm: MPI.Comm | None) -> tuple[MPI.Comm, _NodeGroup | None]:
     return known
 
 
-def _check(buf: torch.Tensor, op: str, algorithm: str = "shm") -> None:
-    if op not in ("sum", "avg"):
-        raise ValueError(f"{algorithm}: op {op!r}: expected 'sum' or 'avg'")
-    if buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"{algorithm}: expected a 1-D contiguous tensor, got shape {tuple(buf.shape)}")
-    if buf.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"{algorithm}: dtype {buf.dtype} is not supported (use one of {names})")
-
-
-def _on_device(buf: torch.Tensor, comm: MPI.Comm | None, op: str) -> torch.Tensor:
-    # GPUs of one node have no shared host window to meet in (no CUDA IPC here): use the device
-    # ring, which stages through pinned host memory when MPI is not CUDA-aware
-    from mpilm.comm import collectives
-
-    return collectives.allreduce(buf, comm, algorithm="ring", op=op)
+def check(buf: torch.Tensor, op: str, what: str = "shm") -> None:
+    """ValueError unless ``buf`` is a host, 1-D, contiguous tensor of a supported dtype and ``op``
+    is sum or avg (``hier`` checks its arguments with it too)."""
+    common.check(buf, what, op, dtypes=SUPPORTED_DTYPES)
+    if buf.is_cuda:
+        raise ValueError(f"{what}: CUDA tensors have no shared-memory path (no CUDA IPC); "
+                         f"collectives.allreduce(..., {what!r}) runs the device ring for them")
 
 
 # ---------------------------------------------------------------- public API
 def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
     """Allreduce ``buf`` in place over ``comm`` (all on one node) through shared memory."""
-    _check(buf, op)
-    if buf.is_cuda:
-        return _on_device(buf, comm, op)
+    check(buf, op)
     node, group = _node_of(comm)
     if group is None or buf.numel() == 0:
-        return buf.div_(group.p) if op == "avg" and group is not None else buf
+        return common.finish(buf, node.Get_size(), op)
     return group.run(buf, "allreduce", group.even, group.p if op == "avg" else 1)
+
+
+def allreduce_split(buf: torch.Tensor, node: MPI.Comm, split, between) -> torch.Tensor:
+    """Sum ``buf`` over the ranks of ``node`` region by region, with ``between`` run on this
+    rank's summed region before the peers gather it; in place, returns ``buf``. Collective over
+    ``node`` (one node's communicator, e.g. ``world.node_comm(comm)``).
+
+    ``split.bounds(n)`` gives every node rank's ``(lo, hi)`` region of n elements (regions
+    partition ``[0, n)`` and are the same on every rank; ``split`` is hashable: call shapes are
+    cached by it). Node rank i sums region i from its peers' memory, calls ``between(region)``
+    (a CPU tensor view of ``buf``, which it may change in place: ``hier`` runs its inter-node
+    allreduce there) and then every rank copies every finished region. No divide: ``between``
+    applies any. Host tensors only; a node of one rank calls ``between(buf)`` directly.
+    """
+    check(buf, "sum", "allreduce_split")
+    if node.Get_size() == 1 or buf.numel() == 0:
+        if buf.numel():
+            between(buf)
+        return buf
+    return _group(node).run(buf, "allreduce", split, 1, between=between)
 
 
 def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
@@ -675,9 +720,7 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
 
     The slice is ``buf[shard_bounds(n, p, rank)]``; the rest of ``buf`` keeps its input values.
     """
-    _check(buf, op)
-    if buf.is_cuda:
-        raise ValueError("shm.reduce_scatter: CUDA tensors are not supported (use collectives.reduce_scatter)")
+    check(buf, op, "shm.reduce_scatter")
     node, group = _node_of(comm)
     p, me = node.Get_size(), node.Get_rank()
     lo, hi = shard_bounds(buf.numel(), p, me)
@@ -688,9 +731,7 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
 
 def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
     """Fill every rank's slice ``shard_bounds(n, p, r)`` of ``buf`` from rank r (one node)."""
-    _check(buf, "sum")
-    if buf.is_cuda:
-        raise ValueError("shm.allgather: CUDA tensors are not supported (use collectives.allgather)")
+    check(buf, "sum", "shm.allgather")
     node, group = _node_of(comm)
     if group is not None and buf.numel() > 0:
         group.run(buf, "allgather", group.even, 1)
@@ -703,8 +744,6 @@ def implementation(comm: MPI.Comm | None = None) -> str:
     group = _group(world.node_comm(comm or world.WORLD))
     if NATIVE and group.native is not None:
         return "C++ (kernels/mpilm_shm.cpp)"
-    from mpilm import kernels
-
     return "Python (shm.NATIVE is False)" if not NATIVE else f"Python, ~8 us slower per call: {kernels.status()}"
 
 

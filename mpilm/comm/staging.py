@@ -24,8 +24,11 @@ machines without a GPU (``tests/test_shm_hier.py``); ``tests/gpu/`` repeats the 
 
 Half types travel and are added in their own dtype (one rounding per ring step, as NCCL does).
 The call blocks until ``buf`` holds the result (the host buffers are reused by the next call).
-Bytes handed to MPI are counted in ``world.traffic``. Host and device scratch buffers are cached
-per (thread, device, dtype) and grow geometrically.
+Bytes handed to MPI are counted in ``world.traffic``. Host and device scratch buffers are
+``common.scratch``'s (per thread, device, dtype; grown geometrically); messages travel on the
+communicator's private duplicate (``p2p.private_comm``), as the other algorithms' do.
+``staged_algorithm(name)`` is the one place that says which staged pipeline a name runs; the
+dispatcher (``collectives``) asks it.
 """
 
 from __future__ import annotations
@@ -35,25 +38,27 @@ import threading
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import world
-from mpilm.comm.collectives import ALGORITHMS, shard_bounds
+from mpilm.comm import common, mpi, p2p, world
+from mpilm.comm.common import segments, shard_bounds
 
-SEGMENT_BYTES = 1 << 20  # pipelining grain: large enough to amortise ~10 us per message
 _TAG = 0x5717
 
 
 class _Device:
     """Copies between ``buf``'s device and host: CUDA streams and events, or plain host copies."""
 
-    _copy_streams: dict = {}
+    _copy_streams: dict = {}  # one side stream per (thread, device): threads never share one
+    _lock = threading.Lock()
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
-            stream = _Device._copy_streams.get(device)
+            key = (threading.get_ident(), device)
+            stream = _Device._copy_streams.get(key)
             if stream is None:
-                stream = _Device._copy_streams[device] = torch.cuda.Stream(device)
+                with _Device._lock:
+                    stream = _Device._copy_streams.setdefault(key, torch.cuda.Stream(device))
             self.copy = stream
             # device-side wait: copies out of buf start only after the work that produced it
             self.copy.wait_stream(self.compute)
@@ -92,68 +97,49 @@ class _Device:
             event.synchronize()  # host blocks until the device has passed the event
 
 
-_local = threading.local()
-
-
 def _scratch(kind: str, numel: int, like: torch.Tensor, pinned: bool) -> torch.Tensor:
     """A cached buffer of at least ``numel`` elements (per thread, device, dtype, kind)."""
-    cache = getattr(_local, "buffers", None)
-    if cache is None:
-        cache = _local.buffers = {}
-    key = (kind, like.device, like.dtype)
-    held = cache.get(key)
-    if held is None or held.numel() < numel:
-        grown = max(numel, 1, 2 * held.numel() if held is not None else 0)
-        if pinned:
-            held = torch.empty(grown, dtype=like.dtype, pin_memory=like.is_cuda)
-        else:
-            held = torch.empty(grown, dtype=like.dtype, device=like.device)
-        cache[key] = held
-    return held[:numel]
+    return common.scratch(("staging", kind), numel, like.dtype, like.device, pinned)
 
 
-def _segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
-    return [(start, min(start + seg, hi)) for start in range(lo, hi, seg)]
+def staged_algorithm(algorithm: str) -> str:
+    """Which staged pipeline ``algorithm`` runs: ``"mpi"`` (the library's allreduce on host
+    segments) for ``mpi``, the staged ``"ring"`` for every other name (``auto`` included)."""
+    return "mpi" if algorithm == "mpi" else "ring"
 
 
 def allreduce_staged(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = "ring", op: str = "avg",
-                     segment_bytes: int = SEGMENT_BYTES) -> torch.Tensor:
-    """Allreduce ``buf`` (CUDA, or CPU standing in for the device) in place through host memory."""
+                     segment_bytes: int | None = None) -> torch.Tensor:
+    """Allreduce ``buf`` (CUDA, or CPU standing in for the device) in place through host memory.
+
+    ``segment_bytes``: the pipelining grain (default ``common.SEGMENT_BYTES``).
+    """
     comm = comm or world.WORLD
-    if op not in ("sum", "avg"):
-        raise ValueError(f"allreduce_staged: op {op!r}: expected 'sum' or 'avg'")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"allreduce_staged: algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-    if segment_bytes < 1:
-        raise ValueError(f"allreduce_staged: segment_bytes={segment_bytes}: must be >= 1")
-    if buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"allreduce_staged: expected a 1-D contiguous tensor, got shape {tuple(buf.shape)}")
+    common.check(buf, "allreduce_staged", op, algorithm)
+    seg = common.segment_elems(buf.element_size(), segment_bytes)
     p = comm.Get_size()
     if p == 1 or buf.numel() == 0:
-        return buf.div_(p) if op == "avg" and p > 1 else buf
-    seg = max(1, segment_bytes // buf.element_size())
+        return common.finish(buf, p, op)
     divisor = p if op == "avg" else 1
-    if algorithm == "mpi":
+    if staged_algorithm(algorithm) == "mpi":
         _staged_library(buf, comm, divisor, seg)
     else:
-        _staged_ring(buf, comm, divisor, seg)
+        _staged_ring(buf, p2p.private_comm(comm), divisor, seg)
     return buf
 
 
 def _staged_library(buf: torch.Tensor, comm: MPI.Comm, divisor: int, seg: int) -> None:
     """Segment k+1 comes to host while the library allreduces segment k there; results go back."""
-    from mpilm.comm import collectives
-
     n = buf.numel()
     device = _Device(buf.device)
     host = _scratch("library", n, buf, pinned=True)
     scratch = _scratch("device", 0, buf, pinned=False)
-    ranges = _segments(0, n, seg)
+    ranges = segments(0, n, seg)
     on_host = [device.to_host(host[lo:hi], buf[lo:hi]) for lo, hi in ranges]  # all queued at once
     done = None
     for (lo, hi), event in zip(ranges, on_host):
         device.wait(event)  # host blocks until segment [lo, hi) has landed in host memory
-        collectives.allreduce(host[lo:hi], comm, algorithm="mpi", op="sum")  # blocks on every rank
+        mpi.allreduce(host[lo:hi], comm, op="sum")  # blocks on every rank
         done = device.from_host(buf[lo:hi], host[lo:hi], scratch, add=False, divisor=divisor)
     device.wait(done)  # host blocks until buf holds the result and the host buffer is free
 
@@ -185,7 +171,7 @@ def _staged_ring(buf: torch.Tensor, comm: MPI.Comm, divisor: int, seg: int) -> N
     first_send = chunks(0)[0]
     lo0 = bounds[first_send][0]
     on_host = [device.to_host(hosts[send_i][lo - lo0 : hi - lo0], buf[lo:hi])
-               for lo, hi in _segments(*bounds[first_send], seg)]
+               for lo, hi in segments(*bounds[first_send], seg)]
     sent = received = 0
     for step in range(steps):
         reduce = step < p - 1
@@ -194,17 +180,17 @@ def _staged_ring(buf: torch.Tensor, comm: MPI.Comm, divisor: int, seg: int) -> N
         send_host, recv_host = hosts[send_i], hosts[recv_i]
         device.wait(last_read[recv_i])  # host blocks until older device copies stopped reading it
         receives = []
-        for lo, hi in _segments(*bounds[recv_c], seg):
+        for lo, hi in segments(*bounds[recv_c], seg):
             receives.append(comm.Irecv(world.buf(recv_host[lo - recv_lo : hi - recv_lo]), left, _TAG))
             received += (hi - lo) * buf.element_size()
         sends = []
-        for (lo, hi), event in zip(_segments(*bounds[send_c], seg), on_host):
+        for (lo, hi), event in zip(segments(*bounds[send_c], seg), on_host):
             device.wait(event)  # host blocks until this segment has landed in host memory
             sends.append(comm.Isend(world.buf(send_host[lo - send_lo : hi - send_lo]), right, _TAG))
             sent += (hi - lo) * buf.element_size()
         on_host = []
         done = None
-        for k, (lo, hi) in enumerate(_segments(*bounds[recv_c], seg)):
+        for k, (lo, hi) in enumerate(segments(*bounds[recv_c], seg)):
             wire = recv_host[lo - recv_lo : hi - recv_lo]
             receives[k].Wait()  # blocks until the left neighbour's segment k has arrived
             divide = divisor if step == p - 2 else 1  # the last add completes the chunk
@@ -218,7 +204,7 @@ def _staged_ring(buf: torch.Tensor, comm: MPI.Comm, divisor: int, seg: int) -> N
         if not reduce and step < steps - 1:
             # allgather: forward the received bytes straight from host memory next step
             send_i, recv_i = recv_i, send_i
-            on_host = [None] * len(_segments(*bounds[recv_c], seg))
+            on_host = [None] * len(segments(*bounds[recv_c], seg))
     world.traffic.add(sent=sent, received=received)
     device.wait(last_read[0])  # host blocks until buf holds the result: both
     device.wait(last_read[1])  # host buffers are then free for the next call

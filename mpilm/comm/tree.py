@@ -21,7 +21,7 @@ end (the average is divided in fp32 too): on small messages doubling the bytes c
 nothing, and the result is the fp32 sum rounded to the half type once instead of a half-typed
 partial sum rounded at every step.
 
-The vector moves in segments of ``SEGMENT_BYTES`` (each segment runs the full doubling), so a
+The vector moves in segments of ``common.SEGMENT_BYTES`` (each segment runs the full doubling), so a
 large call, although not what this algorithm is for, still needs only segment-sized scratch.
 """
 
@@ -30,10 +30,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, world
-
-SEGMENT_BYTES = 1 << 20
-_HALF_TYPES = (torch.float16, torch.bfloat16)
+from mpilm.comm import common, p2p, world
 
 _TAG_FOLD = 31
 _TAG_DOUBLING = 32
@@ -46,21 +43,21 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
     Written for the small-message path: every per-call constant lives in the cached ``Group``
     and nothing is sliced or allocated when the message fits in one segment.
     """
-    p2p.check_op(op)
+    common.check_op(op, "tree")
     n = t.numel()
     g = p2p.group(comm)
     p = g.size
     if p == 1 or n == 0:
-        return p2p.finish(t, p, op)
-    widen = t.dtype in _HALF_TYPES
-    work_dtype = torch.float32 if widen else t.dtype
-    seg = p2p.segment_elems(4 if widen else t.element_size(), segment_bytes, SEGMENT_BYTES)
+        return common.finish(t, p, op)
+    widen = common.is_half(t.dtype)
+    work_dtype = common.reduce_dtype(t.dtype)
+    seg = common.segment_elems(4 if widen else t.element_size(), segment_bytes)
     private, r, rem, newrank = g.comm, g.rank, g.rem, g.newrank
     folds = r < 2 * rem
     on_device = t.is_cuda
     moved = 0  # bytes of one full vector in the work type, summed over segments
 
-    for a, b in ((0, n),) if n <= seg else p2p.segments(0, n, seg):
+    for a, b in ((0, n),) if n <= seg else common.segments(0, n, seg):
         m = b - a
         if widen:
             work, work_wire = p2p.scratch(t, m, slot=0, dtype=torch.float32)
@@ -101,4 +98,4 @@ def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: i
     # per doubling step, plus one receive and one send more for the odd fold-in ranks
     steps = 1 if newrank < 0 else len(g.doubling_partners) + (1 if folds else 0)
     world.traffic.add(sent=steps * moved, received=steps * moved)
-    return t if widen else p2p.finish(t, p, op)
+    return t if widen else common.finish(t, p, op)

@@ -33,13 +33,12 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import world
+from mpilm.comm import common, world
 
 FORMAT = "mpilm-allreduce-tuning"
 VERSION = 1
 DEFAULT_PATH = Path("~/.cache/mpilm/allreduce-tuning.json")
-# what a tuning file may name (everything allreduce accepts but "auto" itself)
-CHOOSABLE = ("ring", "rhd", "tree", "shm", "hier", "mpi")
+CHOOSABLE = common.CHOOSABLE  # what a tuning file may name (everything allreduce accepts but "auto")
 
 KIB = 1 << 10
 
@@ -55,7 +54,7 @@ _fast: dict[tuple, str] = {}
 
 def _drop_comm(comm: MPI.Comm, keyval: int, state) -> None:
     handle = comm.py2f()
-    for key in [key for key in _fast if key[0] == handle]:
+    for key in [key for key in list(_fast) if key[0] == handle]:  # list(): another thread may insert
         _fast.pop(key, None)
 
 

@@ -13,8 +13,11 @@ What it does:
   machine's ranks whose masks overlap it (``cpu_threads``, pure). ``node_lines()``: the banner's
   one line per node (``describe_node``, pure).
 - ``cuda_aware()``: whether the MPI library can take device pointers.
-- ``traffic``: bytes this rank handed to / received from point-to-point calls, so compression
-  ratios are measured rather than computed.
+- ``traffic``: bytes this rank handed to / received from point-to-point calls, and read from /
+  written into its node peers' shared memory, so compression ratios are measured rather than
+  computed; thread-safe (a communication thread and the main thread both count).
+- ``require_thread_level(needed, why)``: a ``UsageError`` saying what to do when MPI was started
+  with a lower thread level than a feature (a communication thread) needs.
 - ``run_main(fn)``: the error policy of every entry point: ``UsageError`` -> ``error: ...`` and
   exit 2; any other exception -> ``[rank r]`` traceback and ``MPI.COMM_WORLD.Abort`` so the job
   never hangs on a dead rank.
@@ -34,6 +37,7 @@ import functools
 import os
 import socket
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -88,22 +92,89 @@ def buf(t: torch.Tensor) -> list:
     return [memory, t.numel(), datatype]
 
 
-@dataclass
 class Traffic:
-    """Bytes this rank sent and received through mpilm's own point-to-point calls."""
+    """Bytes this rank moved through mpilm's collectives; safe to update from several threads.
 
-    sent: int = 0
-    received: int = 0
+    ``sent`` / ``received``: bytes handed to / received from MPI point-to-point calls (estimated
+    for the MPI library's own collectives). ``shm_read`` / ``shm_written``: bytes this rank read
+    from / wrote into its node peers' shared memory (``shm``, and ``hier`` inside a node), which
+    MPI never sees; copies into this rank's own shared segment are not counted. A communication
+    thread and the main thread may both add: every update holds a lock, so no count is lost
+    (``snapshot()`` reads all four at one instant).
+    """
 
-    def add(self, sent: int = 0, received: int = 0) -> None:
-        self.sent += sent
-        self.received += received
+    FIELDS = ("sent", "received", "shm_read", "shm_written")
+
+    __slots__ = ("_lock", "_sent", "_received", "_shm_read", "_shm_written")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sent = self._received = self._shm_read = self._shm_written = 0
+
+    def add(self, sent: int = 0, received: int = 0, shm_read: int = 0, shm_written: int = 0) -> None:
+        with self._lock:
+            self._sent += sent
+            self._received += received
+            self._shm_read += shm_read
+            self._shm_written += shm_written
 
     def reset(self) -> None:
-        self.sent = self.received = 0
+        with self._lock:
+            self._sent = self._received = self._shm_read = self._shm_written = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """All four counters, read together."""
+        with self._lock:
+            return {"sent": self._sent, "received": self._received,
+                    "shm_read": self._shm_read, "shm_written": self._shm_written}
+
+    @property
+    def sent(self) -> int:
+        return self._sent
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    @property
+    def shm_read(self) -> int:
+        return self._shm_read
+
+    @property
+    def shm_written(self) -> int:
+        return self._shm_written
+
+    def __repr__(self) -> str:
+        return "Traffic(" + ", ".join(f"{k}={v}" for k, v in self.snapshot().items()) + ")"
 
 
 traffic = Traffic()
+
+
+# ---------------------------------------------------------------- thread level
+THREAD_LEVELS = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+                 MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+
+
+def thread_level_name(level: int) -> str:
+    return THREAD_LEVELS.get(level, f"unknown ({level})")
+
+
+def require_thread_level(needed: int, why: str) -> None:
+    """UsageError unless MPI was started with at least thread level ``needed`` (``MPI.THREAD_*``).
+
+    ``why`` says what needs it (e.g. "--overlap: a communication thread calls the collectives
+    while the main thread runs MPI calls of its own"). The level is a property of the process,
+    the same on every rank of a normal launch, so the error is raised collectively.
+    """
+    granted = MPI.Query_thread()
+    if granted >= needed:
+        return
+    wanted = thread_level_name(needed)
+    raise UsageError(
+        f"MPI granted thread level '{thread_level_name(granted)}', but {why} needs '{wanted}': "
+        f"set MPI4PY_RC_THREAD_LEVEL={wanted} (or leave it unset: mpi4py asks for 'multiple'), "
+        f"and use an MPI library built with thread support (this one: {library_version()})")
 
 
 # ---------------------------------------------------------------- node topology
