@@ -30,6 +30,11 @@ OPTIMIZERS = ("adamw", "sgd")
 COMPRESSORS = ("none", "fp16", "bf16", "topk")
 TOPK_AGGREGATES = ("allgather", "gtopk")
 DATA_IO = ("scatter", "mpiio")
+ZERO_STAGES = (0, 1)
+# algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
+SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
+# measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
+BUCKET_MB_DEFAULT = 4.0
 
 
 def opt(default: Any, help: str, *, choices=None, check=None, cli: str | None = None):
@@ -81,7 +86,12 @@ class TrainConfig:
     # system
     device: str = opt("auto", "auto: cuda:<local rank> when a GPU is present, else cpu", choices=DEVICES)
     allreduce: str = opt("auto", "gradient allreduce algorithm", choices=ALLREDUCE_ALGORITHMS)
-    bucket_mb: float = opt(25.0, "gradient bucket size in MiB (buckets are reduced one after another)", check=positive)
+    bucket_mb: float = opt(BUCKET_MB_DEFAULT, "gradient bucket size in MiB: a bucket is reduced as soon as backward has "
+                                              "filled it (smaller: more overlap, more messages)", check=positive)
+    overlap: bool = opt(True, "reduce each gradient bucket on a communication thread while backward computes the "
+                              "rest (--no-overlap: reduce all buckets after backward, on the main thread)")
+    zero: int = opt(0, "ZeRO stage: 1 shards the optimizer state over the ranks (reduce-scatter the gradients, "
+                       "step this rank's shard, allgather the parameters)", choices=ZERO_STAGES)
     # gradient compression
     compress: str = opt("none", "gradient compression on the wire", choices=COMPRESSORS)
     topk_ratio: float = opt(0.01, "topk: fraction of each bucket's entries sent per step (density)",
@@ -162,7 +172,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         if kind in (int, float):
             kwargs["type"] = _number(kind)
         # choices are checked in check() so the message names the option the way the file does too
-        kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}" if f.metadata["choices"] else f.name.upper()
+        kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}" if f.metadata["choices"] else f.name.upper()
         parser.add_argument(flag, **kwargs)
     return parser
 
@@ -198,7 +208,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata["choices"]
         if choices and value not in choices:
-            raise UsageError(f"{flag} {value}: expected one of {', '.join(choices)}")
+            raise UsageError(f"{flag} {value}: expected one of {', '.join(map(str, choices))}")
         problem = f.metadata["check"](value) if f.metadata["check"] and value is not None else None
         if isinstance(value, float) and not math.isfinite(value):
             problem = "must be a finite number"
@@ -206,6 +216,14 @@ def check(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"{flag} {value}: {problem}")
     if cfg.momentum_correction and (cfg.compress != "topk" or cfg.optimizer != "sgd"):
         raise UsageError("--momentum-correction needs --compress topk and --optimizer sgd (it takes over SGD's momentum)")
+    if cfg.momentum_correction and not cfg.error_feedback:
+        raise UsageError("--momentum-correction accumulates velocity in the residual: it needs --error-feedback")
+    if cfg.zero == 1 and cfg.compress == "topk":
+        raise UsageError("--zero 1 with --compress topk: top-k pairs have no reduce-scatter half; "
+                         "use --compress none|fp16|bf16 with --zero 1, or --zero 0")
+    if cfg.zero == 1 and cfg.allreduce not in SHARDED_ALGORITHMS:
+        raise UsageError(f"--zero 1 with --allreduce {cfg.allreduce}: it needs an algorithm with reduce-scatter and "
+                         f"allgather halves ({', '.join(SHARDED_ALGORITHMS)})")
     if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     return cfg

@@ -86,6 +86,8 @@ def run_metrics(stats: dict[str, float], *, world_size: int, tokens_per_step: in
         "gradient_bytes": payload_bytes,
         "bytes_sent_per_step": stats["bytes_sent"],
         "bytes_received_per_step": stats["bytes_received"],
+        "bytes_shm_read_per_step": stats.get("bytes_shm_read", 0.0),
+        "bytes_shm_written_per_step": stats.get("bytes_shm_written", 0.0),
         "busbw_gbps": payload_bytes * 2 * (p - 1) / p / comm_total / 1e9 if moving else None,
         "wire_gbps": stats["bytes_sent"] / comm_total / 1e9 if moving else None,
     }
@@ -94,12 +96,15 @@ def run_metrics(stats: dict[str, float], *, world_size: int, tokens_per_step: in
 def format_run_metrics(m: dict) -> str:
     """Two lines for the end of a run: throughput and compute, then communication."""
     mfu = f" | MFU {m['mfu']:.1%}" if m["mfu"] is not None else ""
+    shm_read, shm_written = m.get("bytes_shm_read_per_step", 0.0), m.get("bytes_shm_written_per_step", 0.0)
+    shm = (f", {_si(shm_read)}B read from and {_si(shm_written)}B written to node peers' shared memory"
+           if shm_read or shm_written else "")
     busbw = (f" | busbw {m['busbw_gbps']:.2f} GB/s (wire {m['wire_gbps']:.2f} GB/s)"
              if m["busbw_gbps"] is not None else "")
     return (f"throughput: {m['tokens_per_s']:,.0f} tok/s ({m['tokens_per_s_per_rank']:,.0f} per rank) | "
             f"model {_si(m['model_flops_per_s'])}FLOP/s{mfu}\n"
             f"communication: {_si(m['bytes_sent_per_step'])}B sent, {_si(m['bytes_received_per_step'])}B received "
-            f"per step per rank{busbw} | comm/compute {m['comm_compute_ratio']:.2f} exposed, "
+            f"per step per rank through MPI{shm}{busbw} | comm/compute {m['comm_compute_ratio']:.2f} exposed, "
             f"{m['comm_total_compute_ratio']:.2f} total")
 
 

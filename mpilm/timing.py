@@ -5,8 +5,9 @@ step. ``comm`` is the *exposed* time the training loop waited on communication; 
 (credited with ``add``) is all time spent in collectives wherever it ran, so overlap reads
 ``comm_total - comm``. Time inside a step but outside every phase is reported as ``other``, so
 the table (``format_table``) adds up to the step time. With a ``traffic`` counter
-(``.sent``/``.received`` bytes, e.g. ``mpilm.comm.world.traffic``) each step also records the
-bytes this rank sent and received. On CPU a phase is timed with ``perf_counter``. On CUDA each
+(``.sent``/``.received`` bytes, and ``.shm_read``/``.shm_written`` where it counts them, e.g.
+``mpilm.comm.world.traffic``) each step also records the bytes this rank sent and received and
+read from / wrote into its node peers' shared memory. On CPU a phase is timed with ``perf_counter``. On CUDA each
 phase records a pair of CUDA events and nothing synchronizes in the hot path: ``flush()``
 (called at log steps) waits for the last event once and converts every pending pair to seconds.
 The step total is host time on both. With a ``mpilm.trace.Tracer`` every timed phase of a traced
@@ -46,7 +47,8 @@ from mpilm import trace
 
 PHASES = ("data", "forward", "backward", "compress", "comm", "optimizer")
 # keys of a step record that are not times
-_NOT_TIMES = ("step", "total", "bytes_sent", "bytes_received")
+_TRAFFIC = ("sent", "received", "shm_read", "shm_written")  # counters read from ``traffic`` when it has them
+_NOT_TIMES = ("step", "total", *(f"bytes_{name}" for name in _TRAFFIC))
 
 
 class PhaseTimer:
@@ -62,7 +64,7 @@ class PhaseTimer:
         self._pending: list[_Pending] = []  # CUDA events not yet resolved
         self._step_start = None
         self._step = None
-        self._traffic_start = (0, 0)
+        self._traffic_start: dict[str, int] = {}
         self._anchor = None  # (CUDA event, host seconds) mapping device times onto the host clock
         self._lock = threading.Lock()  # guards _current and the records against add() from other threads
 
@@ -72,7 +74,7 @@ class PhaseTimer:
         with self._lock:
             self._current = defaultdict(float)
         if self.traffic is not None:
-            self._traffic_start = (self.traffic.sent, self.traffic.received)
+            self._traffic_start = {k: getattr(self.traffic, k) for k in _TRAFFIC if hasattr(self.traffic, k)}
         if self.tracer is not None:
             self.tracer.begin_step(step)
             if self.cuda and self._anchor is None and self.tracer.recording:
@@ -87,8 +89,8 @@ class PhaseTimer:
             record["step"] = self._step
             record["total"] = end - self._step_start
             if self.traffic is not None:
-                record["bytes_sent"] = self.traffic.sent - self._traffic_start[0]
-                record["bytes_received"] = self.traffic.received - self._traffic_start[1]
+                for key, start in self._traffic_start.items():
+                    record[f"bytes_{key}"] = getattr(self.traffic, key) - start
         if self.tracer is not None:
             self.tracer.span("step", f"step {self._step}", self._step_start, end)
         self.steps.append(record)
@@ -146,6 +148,18 @@ class PhaseTimer:
         with self._lock:
             self._current[name] += seconds
 
+    def move(self, seconds: float, source: str, dest: str) -> None:
+        """Re-label ``seconds`` of the open step from phase ``source`` to ``dest`` (both still add up).
+
+        The trainer uses it for the reducers' own arithmetic, which they time themselves, when it
+        ran inside the exposed ``comm`` phase (no overlap): it counts as ``compress``, not ``comm``.
+        """
+        if dest not in self.phase_names:
+            self.phase_names.append(dest)
+        with self._lock:
+            self._current[source] -= seconds
+            self._current[dest] += seconds
+
     def flush(self) -> None:
         """Resolve CUDA event pairs into seconds. Syncs the device once; call only at log steps."""
         if not self._pending:
@@ -200,10 +214,10 @@ class PhaseTimer:
     def rank_stats(self, skip_first: int = 1) -> dict[str, float]:
         """This rank's per-step means after warm-up: the inputs of ``run_metrics`` (average them
         over ranks first). Keys: step_s, compute_s (every phase but exposed comm), comm_s,
-        comm_total_s, bytes_sent, bytes_received."""
+        comm_total_s, bytes_sent, bytes_received, bytes_shm_read, bytes_shm_written."""
         steps = self._measured(skip_first)
         if not steps:
-            return {k: 0.0 for k in ("step_s", "compute_s", "comm_s", "comm_total_s", "bytes_sent", "bytes_received")}
+            return {k: 0.0 for k in ("step_s", "compute_s", "comm_s", "comm_total_s", *(f"bytes_{t}" for t in _TRAFFIC))}
 
         def mean(key):
             return statistics.fmean(s.get(key, 0.0) for s in steps)
@@ -213,8 +227,7 @@ class PhaseTimer:
             "compute_s": statistics.fmean(sum(s.get(p, 0.0) for p in self.phase_names if p != "comm") for s in steps),
             "comm_s": mean("comm"),
             "comm_total_s": mean("comm_total"),
-            "bytes_sent": mean("bytes_sent"),
-            "bytes_received": mean("bytes_received"),
+            **{f"bytes_{t}": mean(f"bytes_{t}") for t in _TRAFFIC},
         }
 
 

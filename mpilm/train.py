@@ -5,13 +5,13 @@
     srun -n 64 python -m mpilm.train --config run.toml     # under Slurm
     python -m mpilm.train --help                           # every option
 
-Each rank holds the whole model and its own block of the corpus; after every backward the
-gradients (one flat buffer, ``param.grad`` views into it) are averaged with the chosen allreduce,
-then every rank takes the same optimizer step. Rank 0 prints, evaluates the averaged validation
+Each rank holds the whole model and its own block of the corpus; during backward the gradients
+(one flat buffer, ``param.grad`` views into it) are averaged bucket by bucket with the chosen
+allreduce on a communication thread, then every rank takes the same optimizer step. Rank 0 prints, evaluates the averaged validation
 loss, and writes ``<out>/config.json``, ``metrics.jsonl``, ``summary.json`` and ``model.pt``.
 
-This file wires the parts together; the work is done in ``data``, ``models``, ``comm``,
-``optim``, ``timing`` and ``checkpoint``. Points where ranks wait for each other are marked SYNC.
+This file is a short loop over a ``Run`` (``mpilm/run.py``) plus what a user sees: the banner,
+the log lines, the evaluations, the summary and the output files. Points where ranks wait for each other are marked SYNC.
 """
 
 from __future__ import annotations
@@ -28,56 +28,11 @@ import torch
 from mpi4py import MPI
 from tqdm import tqdm
 
-from mpilm import checkpoint, config, data, models, optim
-from mpilm.comm import collectives, compress, shm, world
-from mpilm.comm.grad_sync import GradBuffer, broadcast_
-from mpilm.errors import UsageError
-from mpilm.timing import PHASES, PhaseTimer, Tracer, format_run_metrics, format_table, run_metrics
-
-
-def train_step(model, grads: GradBuffer, optimizer, get_batch, accum: int, timer: PhaseTimer, *,
-               algorithm: str = "auto", grad_clip: float = 0.0, reduce_bucket=None, autocast=None) -> torch.Tensor:
-    """One optimizer step over ``accum`` micro-batches; returns this rank's mean loss (a tensor).
-
-    ``get_batch(micro)`` returns (x, y) on the model's device.
-    """
-    with timer.phase("optimizer"):  # zero_grad is the optimizer's bookkeeping
-        grads.zero_()
-        total = torch.zeros((), device=grads.params[0].device)
-    for micro in range(accum):
-        with timer.phase("data"):
-            x, y = get_batch(micro)
-        with timer.phase("forward"), (autocast or contextlib.nullcontext()):
-            _, loss = model(x, y)
-            loss = loss / accum  # the mean over all micro-batches, so accumulation == a bigger batch
-        with timer.phase("backward"):
-            loss.backward()
-            total += loss.detach()
-    with timer.phase("comm"):
-        grads.check_views()
-        # SYNC: every bucket waits for every rank's gradients
-        timer.add("comm_total", grads.sync(reduce_bucket, algorithm))
-    with timer.phase("optimizer"):
-        grads.clip_(grad_clip)
-        optimizer.step()
-    return total
-
-
-@torch.no_grad()
-def evaluate(model, val: torch.Tensor, cfg: config.TrainConfig, comm: MPI.Comm, device, autocast=None) -> float:
-    """Mean loss over fixed validation windows, shared out over the ranks. SYNC (allreduce)."""
-    model.eval()
-    starts = data.eval_starts(val.numel(), cfg.block_size, cfg.eval_batches * cfg.batch_size, cfg.seed)
-    mine = starts[comm.Get_rank()::comm.Get_size()]
-    sums = np.zeros(2)  # [sum of token losses, number of windows]
-    for chunk in mine.split(cfg.batch_size):
-        x, y = data.windows(val, chunk, cfg.block_size)
-        with autocast or contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device))
-        sums += (loss.item() * len(chunk), len(chunk))
-    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
-    model.train()
-    return float(sums[0] / sums[1])
+from mpilm import checkpoint, config, optim
+from mpilm.comm import collectives, shm, world
+from mpilm.metrics import format_run_metrics, run_metrics
+from mpilm.run import Run, build
+from mpilm.timing import PHASES, format_table
 
 
 def mean_over_ranks(comm: MPI.Comm, values: list[float]) -> list[float]:
@@ -91,112 +46,87 @@ def run(argv: list[str] | None = None) -> dict | None:
     comm = world.WORLD
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     cfg = config.parse(argv, quiet=rank != 0)
-    device = world.pick_device(cfg.device)
-    if cfg.allreduce == "shm" and world.local_size() != n_ranks:  # the same verdict on every rank
-        raise UsageError(f"--allreduce shm: the job spans several nodes ({world.local_size()} of {n_ranks} ranks "
-                         "on this one); shm works within one node, use --allreduce hier")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-
     t_load = time.perf_counter()
-    corpus = data.load(comm, cfg.data, cfg.cache_dir, cfg.val_fraction, cfg.block_size, cfg.data_io)  # SYNC
+    job = build(cfg, comm)  # SYNC: corpus, model broadcast, bucket map check
     t_load = time.perf_counter() - t_load
+    try:
+        return _train(job, t_load)
+    finally:
+        job.close()
 
-    torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout).to(device)
-    broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
-    # gradients in node shared memory when an algorithm may read peers' memory directly
-    grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device,
-                       shared_memory=cfg.allreduce in ("shm", "hier", "auto"))  # SYNC: map check
-    # with DGC momentum correction the compressor applies the momentum: SGD must not apply it twice
-    optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                            0.0 if cfg.momentum_correction else cfg.momentum)
-    tracer = Tracer(rank, cfg.trace_steps) if cfg.trace else None
-    timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
-    compressor = compress.make_compressor(
-        cfg.compress, topk_ratio=cfg.topk_ratio, error_feedback=cfg.error_feedback, aggregate=cfg.topk_aggregate,
-        momentum_correction=cfg.momentum_correction, momentum=cfg.momentum, local_clip=cfg.local_clip,
-        warmup_steps=cfg.topk_warmup_steps)  # topk builds or loads the C++ kernels here, not in step 1
-    compressor.timer = timer
+
+def _train(job: Run, t_build: float) -> dict | None:
+    cfg, comm, grads = job.cfg, job.comm, job.grads
+    rank, n_ranks = comm.Get_rank(), comm.Get_size()
     out = Path(cfg.out)
     # collective on first use (auto may look at the node layout), so every rank asks
-    auto_choice = collectives.describe_auto(sorted({b.nbytes for b in grads.buckets}), comm) if cfg.allreduce == "auto" else []
-    uses_shm = device.type == "cpu" and (cfg.allreduce == "shm" or any(a == "shm" for _, a in auto_choice))
-    shm_path = shm.implementation(comm) if uses_shm else ""  # collective: every rank asks
+    sizes = sorted({b.nbytes for b in grads.buckets})
+    auto_choice = collectives.describe_auto(sizes, job.grad_comm) if cfg.allreduce == "auto" else []
+    runs = collectives.algorithm_that_runs(cfg.allreduce, job.device, job.grad_comm)
+    uses_shm = job.device.type == "cpu" and (cfg.allreduce in ("shm", "hier") or any(a in ("shm", "hier") for _, a in auto_choice))
+    shm_path = shm.implementation(job.grad_comm) if uses_shm else ""  # collective: every rank asks
     node_lines = world.node_lines()  # collective: every node's placement, as set by pick_device
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": n_ranks}, indent=2) + "\n")
-        block_sizes = [b.nbytes for b in grads.buckets]
         print(f"mpilm | {n_ranks} rank(s) on {len(node_lines)} node(s) | {world.library_version()}")
         for line in node_lines:
             print(line)
-        print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters | "
-              f"{len(grads.buckets)} gradient bucket(s) of up to {max(block_sizes) / 2**20:.2f} MiB | "
-              f"allreduce {cfg.allreduce}")
+        print(f"model {cfg.model}: {job.model.num_params() / 1e6:.2f}M parameters | "
+              f"{len(grads.buckets)} gradient bucket(s) of up to {max(sizes) / 2**20:.2f} MiB | "
+              f"allreduce {runs} | overlap {'on (communication thread)' if grads.overlap else 'off'}"
+              f"{' | ZeRO-1' if cfg.zero else ''}")
         if cfg.compress != "none":
-            print(f"compression {compressor.describe()}")
+            print(f"compression {job.reducer.describe()}")
         if auto_choice:
             print("auto allreduce per bucket size: " + ", ".join(f"{size / 2**20:.2f} MiB -> {algo}" for size, algo in auto_choice))
         if shm_path:
             print(f"shm allreduce: {shm_path}")
+        corpus = job.corpus
         print(f"data: {corpus.n_train:,} training tokens, {corpus.block.numel():,} per rank, "
               f"{corpus.val.numel():,} validation | cache {corpus.cache_path} "
-              f"({'built' if corpus.built_now else 'reused'}, {t_load:.1f}s, {cfg.data_io})")
+              f"({'built' if corpus.built_now else 'reused'}, {t_build:.1f}s to load and build, {cfg.data_io})")
         print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
               f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
     metrics = open(out / "metrics.jsonl", "w") if rank == 0 else None
 
-    def get_batch(step):
-        def batch(micro):
-            x, y = data.sample_batch(corpus.block, cfg.batch_size, cfg.block_size, cfg.seed, rank, step, micro)
-            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return batch
-
-    first_val = evaluate(model, corpus.val, cfg, comm, device, autocast)
+    first_val = job.evaluate()
     if rank == 0:
         print(f"step 0: val loss {first_val:.4f}")
     val_loss = first_val
-    losses: list[torch.Tensor] = []
+    timer, tracer = job.timer, job.tracer
     bar = tqdm(total=cfg.steps, disable=rank != 0 or not sys.stderr.isatty(), leave=False, unit="step")
     if tracer is not None:
         tracer.start(comm, cfg.trace)  # SYNC: a Barrier gives every rank's trace clock the same zero
     t_run = time.perf_counter()
-    for step in range(cfg.steps):
-        timer.begin_step(step)
-        lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        optim.set_lr(optimizer, lr)
-        reduce_bucket = None if cfg.compress == "none" else (
-            lambda view, index, step=step: compressor.allreduce_(view, index, comm, cfg.allreduce, step))
-        losses.append(train_step(model, grads, optimizer, get_batch(step), cfg.grad_accum, timer,
-                                 algorithm=cfg.allreduce, grad_clip=cfg.grad_clip, reduce_bucket=reduce_bucket,
-                                 autocast=autocast))
-        timer.end_step()
+    while job.step_index < cfg.steps:
+        job.step()
+        step = job.step_index
         bar.update(1)
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.log_every == 0 or last:
+        last = step == cfg.steps
+        if step % cfg.log_every == 0 or last:
             window = timer.last(min(cfg.log_every, len(timer.steps)))
+            lr = optim.lr_at(step - 1, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             # SYNC: loss averaged over ranks, for the log line only
-            loss = mean_over_ranks(comm, [torch.stack(losses[-len(window):]).mean().item()])[0]
-            record = _log_record(step + 1, loss, lr, window, cfg.tokens_per_step_per_rank * n_ranks)
+            loss = mean_over_ranks(comm, [torch.stack(job.losses[-len(window):]).mean().item()])[0]
+            record = _log_record(step, loss, lr, window, cfg.tokens_per_step_per_rank * n_ranks)
             if rank == 0:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                bar.write(f"step {step + 1:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"{record['tokens_per_s']:,.0f} tok/s | comm {record['comm_share']:.0%} | "
-                          f"{record['step_s'] * 1e3:.0f} ms/step")
-        if (step + 1) % cfg.eval_every == 0 or last:
-            val_loss = evaluate(model, corpus.val, cfg, comm, device, autocast)
+                bar.write(f"step {step:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                          f"{record['tokens_per_s']:,.0f} tok/s | comm {record['comm_share']:.0%} exposed "
+                          f"of {record['comm_total_s'] * 1e3:.0f} ms | {record['step_s'] * 1e3:.0f} ms/step")
+        if step % cfg.eval_every == 0 or last:
+            val_loss = job.evaluate()
             if rank == 0:
-                bar.write(f"step {step + 1}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
+                bar.write(f"step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
                           f"{val_loss / math.log(2):.3f} bits/byte")
     bar.close()
     wall = time.perf_counter() - t_run
     if tracer is not None and tracer.finish(comm, cfg.trace):  # SYNC: gathers every rank's events to rank 0
         print(f"trace of steps 0-{min(cfg.steps, cfg.trace_steps) - 1}: {cfg.trace} (open in ui.perfetto.dev)")
-    return _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast,
-                   gradient_bytes=sum(b.nbytes for b in grads.buckets))
+    return _finish(job, first_val, val_loss, wall, metrics)
 
 
 def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_per_step: int) -> dict:
@@ -210,22 +140,34 @@ def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_pe
     return record
 
 
-def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics, device, autocast,
-            gradient_bytes: int = 0) -> dict | None:
+def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -> dict | None:
+    cfg, comm, timer, model = job.cfg, job.comm, job.timer, job.model
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     summary = timer.summary()
-    tail = losses[-min(len(losses), cfg.log_every):]
+    tail = job.losses[-min(len(job.losses), cfg.log_every):]
     compute = sum(s.get(p, 0.0) for s in timer.steps for p in PHASES if p != "comm")
     comm_s = sum(s.get("comm", 0.0) for s in timer.steps)
     comm_total = sum(s.get("comm_total", 0.0) for s in timer.steps)
     stats = timer.rank_stats()
-    # SYNC: one allreduce averages the run totals and the per-step means (time, bytes) over ranks
-    final_train, compute, comm_s, comm_total, *step_means = mean_over_ranks(
-        comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total, *stats.values()])
-    stats = dict(zip(stats, step_means))
+    buckets = job.buckets
+    per_bucket = [*buckets.total_s, *buckets.exposed_s] if buckets is not None and buckets.steps else []
+    state_bytes = job.optimizer_state_bytes()
+    # SYNC: one allreduce averages the run totals, the per-step means (time, bytes) and the
+    # per-bucket times over ranks
+    final_train, compute, comm_s, comm_total, state_mean, *means = mean_over_ranks(
+        comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total, state_bytes, *stats.values(), *per_bucket])
+    stats = dict(zip(stats, means[:len(stats)]))
+    per_bucket = means[len(stats):]
+    gradient_bytes = sum(b.nbytes for b in job.grads.buckets)
     perf = run_metrics(stats, world_size=n_ranks, tokens_per_step=cfg.tokens_per_step_per_rank * n_ranks,
-                       flops_per_token=model.flops_per_token(), payload_bytes=gradient_bytes, device=device)
-    tokens_per_s = perf["tokens_per_s"]
+                       flops_per_token=model.flops_per_token(), payload_bytes=gradient_bytes, device=job.device)
+    hidden = 1 - perf["comm_s_per_step"] / perf["comm_total_s_per_step"] if perf["comm_total_s_per_step"] > 0 else 0.0
+    full_state = state_bytes * job.grads.numel / max(1, job.optimizer.numel) if cfg.zero else state_bytes
+    bucket_rows = []
+    if per_bucket:
+        n = len(job.grads.buckets)
+        bucket_rows = [{"bucket": b.index, "bytes": b.nbytes, "comm_total_s": per_bucket[i] / buckets.steps,
+                        "exposed_s": per_bucket[n + i] / buckets.steps} for i, b in enumerate(job.grads.buckets)]
     result = {
         "final_train_loss": final_train,
         "initial_val_loss": first_val,
@@ -237,14 +179,20 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
         "compute_s": compute,
         "comm_s": comm_s,
         "comm_total_s": comm_total,
+        "comm_hidden_share": hidden,
+        "overlap": job.grads.overlap,
+        "zero": cfg.zero,
+        "optimizer_state_bytes_per_rank": state_mean,
+        "optimizer_state_bytes_unsharded": full_state,
         "wall_s": wall,
-        **perf,  # tokens/s, FLOP/s, MFU, bytes per step, busbw, comm/compute (timing.run_metrics)
+        **perf,  # tokens/s, FLOP/s, MFU, bytes per step, busbw, comm/compute (metrics.run_metrics)
+        "buckets": bucket_rows,
         "phases": summary,
     }
     if cfg.sample and rank == 0:
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        prompt = torch.tensor([[ord("\n")]], device=device)
-        with autocast or contextlib.nullcontext():
+        g = torch.Generator(device=job.device).manual_seed(cfg.seed)
+        prompt = torch.tensor([[ord("\n")]], device=job.device)
+        with job.autocast or contextlib.nullcontext():
             text = bytes(model.generate(prompt, cfg.sample, generator=g)[0, 1:].tolist()).decode("utf-8", "replace")
         print(f"--- sample ({cfg.sample} tokens) ---\n{text}\n---")
     if rank == 0:
@@ -254,10 +202,23 @@ def _finish(cfg, comm, model, timer, losses, first_val, val_loss, wall, metrics,
         checkpoint.save(out / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": cfg.steps})
         print(format_table(summary))
         print(format_run_metrics(perf))
+        if bucket_rows:
+            print("buckets (ms per step, mean over ranks): " + ", ".join(
+                f"b{r['bucket']} {r['bytes'] / 2**20:.2f} MiB {r['comm_total_s'] * 1e3:.1f} total/"
+                f"{r['exposed_s'] * 1e3:.1f} exposed" for r in bucket_rows))
+        print(f"overlap: {'on' if job.grads.overlap else 'off'} | comm {perf['comm_total_s_per_step'] * 1e3:.1f} ms "
+              f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({hidden:.0%} hidden)")
+        sharded = (f"ZeRO-1 over {n_ranks} ranks; unsharded it would be {_mib(full_state)}" if cfg.zero
+                   else "not sharded (--zero 1 would divide it by the ranks)")
+        print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")
         print(f"done: val loss {first_val:.4f} -> {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte) | "
-              f"{tokens_per_s:,.0f} tok/s | compute {compute:.1f}s, comm {comm_s:.1f}s "
-              f"({comm_s / (compute + comm_s):.0%}) | {wall:.0f}s | {cfg.out}")
+              f"{perf['tokens_per_s']:,.0f} tok/s | compute {compute:.1f}s, comm {comm_s:.1f}s exposed of "
+              f"{comm_total:.1f}s ({comm_s / (compute + comm_s):.0%}) | {wall:.0f}s | {cfg.out}")
     return result
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:

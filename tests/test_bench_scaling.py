@@ -88,18 +88,26 @@ def test_ddp_and_mpilm_train_alike_and_are_compared(tmp_path, corpus):
     out = tmp_path / "ddp.json"
     result = run_cli(["-m", "mpilm.bench", "ddp", "--algorithms", "mpi,ring", "--warmup", "1", "--block-steps", "2",
                       "--check-steps", "4", "--json", str(out), "--plot", str(tmp_path / "ddp.png"),
-                      "--", *TINY, "--batch-size", "4", "--steps", "5", *corpus], np=2, timeout=300)
+                      "--ddp-bucket-mb", "0.01,25", "--overlap", "on,off", "--zero", "0,1",
+                      "--", *TINY, "--batch-size", "4", "--steps", "5", "--bucket-mb", "0.01", *corpus],
+                     np=2, timeout=300)
     assert_ok(result)
     doc = json.loads(out.read_text())
     assert doc["loss_check_ok"] and doc["backend"] == "gloo" and doc["world_size"] == 2
     rows = {r["runner"]: r for r in doc["rows"]}
-    assert list(rows) == ["ddp", "mpilm mpi", "mpilm ring"]
+    mpilm = [f"mpilm {a} {o}{z}" for a in ("mpi", "ring") for o in ("overlap", "no-overlap") for z in ("", " zero1")]
+    assert list(rows) == ["ddp 0.01MB", "ddp 25MB", *mpilm]
     for row in rows.values():
         assert len(row["losses"]) == 5 and row["timed_steps"] == 4 and row["tokens_per_s"] > 0
         assert row["loss_max_abs_diff"] <= 1e-4
-    assert rows["ddp"]["comm_ms"] is None and rows["ddp"]["comm_total_ms"] > 0  # DDP's comm hides in backward
-    assert rows["mpilm ring"]["comm_ms"] > 0
-    assert rows["mpilm ring"]["vs_ddp"] == pytest.approx(rows["mpilm ring"]["tokens_per_s"] / rows["ddp"]["tokens_per_s"])
+    ddp = rows["ddp 25MB"]
+    assert ddp["comm_ms"] is None and ddp["comm_total_ms"] > 0  # DDP's comm hides in backward
+    ring = rows["mpilm ring overlap"]
+    assert ring["comm_ms"] > 0 and 0 <= ring["hidden_share"] <= 1 and ring["step_vs_bound"] > 0
+    best_ddp = max(rows["ddp 0.01MB"]["tokens_per_s"], ddp["tokens_per_s"])
+    assert ring["vs_ddp"] == pytest.approx(ring["tokens_per_s"] / best_ddp)
+    # ZeRO-1 holds about half the optimizer state at 2 ranks
+    assert rows["mpilm ring overlap zero1"]["optimizer_state_bytes"] < 0.6 * ring["optimizer_state_bytes"]
     assert (tmp_path / "ddp.png").stat().st_size > 0
     assert "loss check" in result.stdout and ": ok" in result.stdout
 
@@ -109,6 +117,12 @@ def test_ddp_bench_rejects_dropout_and_unknown_algorithms(capsys):
     assert status == 2 and "error: --dropout 0.1" in err, err
     status, _, err = bench(["ddp", "--algorithms", "mpi,smoke-signals"], capsys)
     assert status == 2 and "error: --algorithms smoke-signals: unknown" in err, err
+    status, _, err = bench(["ddp", "--overlap", "maybe"], capsys)
+    assert status == 2 and "error: --overlap maybe" in err, err
+    status, _, err = bench(["ddp", "--algorithms", "tree", "--zero", "1"], capsys)
+    assert status == 2 and "error: --zero 1 with --allreduce tree" in err, err
+    status, _, err = bench(["ddp", "--ddp-bucket-mb", "0"], capsys)
+    assert status == 2 and "error: --ddp-bucket-mb 0" in err, err
 
 
 # ---------------------------------------------------------------- model

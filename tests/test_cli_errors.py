@@ -68,11 +68,11 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     script = (
         "import sys\n"
         "from mpi4py import MPI\n"
-        "from mpilm import train\n"
+        "from mpilm import run, train\n"
         "if MPI.COMM_WORLD.rank == 1:\n"
         "    def broken_step(*args, **kwargs):\n"
         "        raise RuntimeError('injected failure on rank 1')\n"
-        "    train.train_step = broken_step\n"
+        "    run.Run.step = broken_step\n"
         f"sys.exit(train.main({TINY + ['--out', str(tmp_path)]!r}))\n"
     )
     result = run_cli(["-c", script], np=2, timeout=90)

@@ -30,6 +30,14 @@ def test_command_line_beats_config_file(tmp_path):
     (["--no-such-option"], "unrecognized arguments"),
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--config", "/nonexistent.toml"], "no such file"),
+    (["--compress", "topk", "--momentum-correction", "--optimizer", "sgd", "--no-error-feedback"], "needs --error-feedback"),
+    (["--momentum-correction"], "needs --compress topk and --optimizer sgd"),
+    (["--topk-ratio", "0"], "--topk-ratio 0.0"),
+    (["--topk-aggregate", "tree"], "--topk-aggregate tree: expected one of"),
+    (["--local-clip", "-1"], "--local-clip -1.0"),
+    (["--zero", "2"], "--zero 2: expected one of 0, 1"),
+    (["--zero", "1", "--compress", "topk"], "no reduce-scatter half"),
+    (["--zero", "1", "--allreduce", "tree"], "--zero 1 with --allreduce tree"),
 ])
 def test_bad_values_raise_usage_error(argv, needle):
     with pytest.raises(UsageError, match=None) as err:
@@ -54,6 +62,12 @@ def test_algorithm_names_match_the_collectives():
     from mpilm.comm import collectives
 
     assert set(config.ALLREDUCE_ALGORITHMS) == set(collectives.ALGORITHMS)
+
+
+def test_compressor_and_aggregate_names_match_comm():
+    from mpilm.comm import compress
+
+    assert config.COMPRESSORS == compress.COMPRESSORS and config.TOPK_AGGREGATES == compress.TOPK_AGGREGATES
 
 
 def test_every_option_has_help():

@@ -1,25 +1,26 @@
 """``mpirun -np N python -m mpilm.bench ddp [--algorithms mpi,ring,...] [-- TRAIN OPTIONS]``.
 
 mpilm against ``torch.nn.parallel.DistributedDataParallel`` on the same model, data, batch,
-optimizer, learning-rate schedule and steps, in the same processes. Every runner is one
-``Runner`` of the shared harness below: the same seeded model broadcast from rank 0, the same
-``GradBuffer`` (``param.grad`` views; it also does the clipping), the same optimizer, the same
-batches (``mpilm.data.sample_batch`` by (seed, rank, step)) and the same ``mpilm.train.train_step``.
-They differ only in how gradients are averaged:
+optimizer, learning-rate schedule and steps, in the same processes. Every runner is a
+``mpilm.run.Run`` built from the same config over the same loaded corpus: the same seeded model
+broadcast from rank 0, the same flat-buffer ``GradBuffer``, clipping, optimizer and batches
+(``mpilm.data.sample_batch`` by (seed, rank, step)), and the same ``Run.step()``. They differ
+only in how gradients are averaged:
 
-- ``ddp``: the model is wrapped in DDP (gloo on CPU, nccl on CUDA), whose autograd hooks
-  allreduce its own buckets *during* backward; DDP copies the averages into our ``.grad``
-  views, and ``train_step``'s sync step is told the gradients are already averaged.
-- ``mpilm <algorithm>``: the plain model; after backward ``GradBuffer.sync`` allreduces each
-  bucket with ``mpilm.comm.collectives`` (``--algorithms``, as ``--allreduce`` in training).
+- ``ddp <N>MB`` (one per ``--ddp-bucket-mb``): the model is wrapped in DDP (gloo on CPU, nccl on
+  CUDA) with that bucket cap; DDP's autograd hooks allreduce its buckets *during* backward and
+  copy the averages into the Run's ``.grad`` views; the Run's own reducer is off.
+- ``mpilm <algorithm>``: the Run's own sync (``--algorithms``, as ``--allreduce`` in training),
+  with the train options' ``--overlap`` / ``--bucket-mb`` / ``--zero`` / ``--compress``.
 
 The runners take turns, ``--block-steps`` steps at a time, so they share the machine's noise.
 A step's time is the slowest rank's; the table shows the median after ``--warmup`` steps,
 tokens/s from it, exposed comm (what the loop waited on; for DDP it is hidden inside backward
 and not separable) and total comm (mpilm: the sync; DDP: the union of its bucket allreduces, from
 issue to completion, timed by a comm hook equivalent to DDP's default allreduce), and the ratio
-to DDP. Correctness check: each mpilm runner's first ``--check-steps`` losses (averaged over
-ranks) must equal DDP's to ``--tolerance``; the command exits 1 if they do not.
+to the fastest DDP runner. Correctness check: each runner's first ``--check-steps`` losses
+(averaged over ranks) must equal the first DDP runner's to ``--tolerance``; the command exits 1
+if they do not.
 
 Limits: fp32 on every device (no autocast) so the loss check is meaningful; ``--dropout 0`` and
 ``--grad-accum 1`` (DDP would allreduce every micro-step without ``no_sync``); torch.distributed
@@ -31,6 +32,7 @@ each host's name: set ``GLOO_SOCKET_IFNAME`` where a name resolves to loopback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import socket
@@ -42,24 +44,29 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpilm import config, data, models, optim
+from mpilm import config, data
 from mpilm.comm import world
-from mpilm.comm.grad_sync import GradBuffer, broadcast_
 from mpilm.errors import UsageError
-from mpilm.timing import PhaseTimer
-from mpilm.train import train_step
+from mpilm.run import Run, build
 from mpilm.bench import parse_algorithms, pyplot
 
 DESCRIPTION = "mpilm vs torch DistributedDataParallel on the same model and data"
 
 DEFAULT_ALGORITHMS = "mpi,ring,rhd,tree"
 _BENCH_DEFAULTS = ["--steps", "40"]  # before the user's train options, which override them
-_PLOT_PHASES = ("data", "forward", "backward", "comm", "optimizer")
+_PLOT_PHASES = ("data", "forward", "backward", "compress", "comm", "optimizer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", default=DEFAULT_ALGORITHMS,
                         help="mpilm allreduce algorithms to run against DDP, comma-separated (default %(default)s)")
+    parser.add_argument("--overlap", default=None, metavar="on,off",
+                        help="run each mpilm algorithm with overlap on and/or off (default: as the train options say)")
+    parser.add_argument("--zero", default=None, metavar="0,1",
+                        help="run each mpilm algorithm with ZeRO stage 0 and/or 1 (default: as the train options say)")
+    parser.add_argument("--ddp-bucket-mb", default="25",
+                        help="DDP bucket caps to run, comma-separated; the ratio is to the fastest (default %(default)s, "
+                             "DDP's own default)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each runner left out of timing (default %(default)s)")
     parser.add_argument("--block-steps", type=int, default=1,
                         help="steps a runner takes per turn; 1 spreads bursts of machine load evenly (default %(default)s)")
@@ -74,70 +81,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- the shared harness
 @dataclass
 class Runner:
-    """One training job inside this process: what it trains, how it averages, what it measured."""
+    """One training job inside this process: a ``Run``, and for DDP the timer of its bucket allreduces."""
 
     name: str
-    forward_model: torch.nn.Module  # what train_step calls: the DDP wrapper or the plain model
-    grads: GradBuffer
-    optimizer: torch.optim.Optimizer
-    timer: PhaseTimer
-    algorithm: str = "mpi"
-    reduce_bucket: object = None  # None: GradBuffer allreduces with ``algorithm``
+    run: Run
     comm_timer: _DDPCommTimer | None = None
-    losses: list = field(default_factory=list)
 
     @property
     def steps_done(self) -> int:
-        return len(self.losses)
+        return self.run.step_index
 
 
-def build_model(cfg: config.TrainConfig, comm: MPI.Comm, device: torch.device, vocab_size: int):
-    """The seeded model, made identical on every rank (SYNC: broadcast from rank 0)."""
-    torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                         block_size=cfg.block_size, dropout=cfg.dropout).to(device)
-    broadcast_([*model.parameters(), *model.buffers()], comm)
-    return model
+def make_runner(name: str, cfg: config.TrainConfig, corpus: data.Corpus, *, ddp_bucket_mb: float | None = None) -> Runner:
+    """A Run of ``cfg`` over the loaded ``corpus`` (SYNC: model broadcast, bucket map check).
 
-
-def make_runner(name: str, cfg: config.TrainConfig, comm: MPI.Comm, device: torch.device, vocab_size: int, *,
-                algorithm: str = "mpi", ddp: bool = False) -> Runner:
-    model = build_model(cfg, comm, device, vocab_size)
-    grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, comm, device)  # SYNC: map check
-    optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
-    timer = PhaseTimer(device, traffic=world.traffic)
-    if not ddp:
-        return Runner(name, model, grads, optimizer, timer, algorithm=algorithm)
-    # DDP copies its averaged buckets into the existing .grad tensors, which are our views
-    wrapped = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.bucket_mb)
+    With ``ddp_bucket_mb`` the model is wrapped in DDP with that bucket cap and the Run's own
+    gradient sync is off: DDP copies its averaged buckets into the existing ``.grad`` tensors,
+    which are the Run's flat-buffer views, and the Run goes on to clip and step as for mpilm.
+    """
+    if ddp_bucket_mb is None:
+        job = build(cfg, corpus=corpus)
+        job.autocast = None  # fp32 on every device, so the loss check is meaningful
+        return Runner(name, job)
     comm_timer = _DDPCommTimer()
-    wrapped.register_comm_hook(comm_timer, _timed_allreduce_hook)
-    return Runner(name, wrapped, grads, optimizer, timer, reduce_bucket=_already_averaged_by_ddp, comm_timer=comm_timer)
+
+    def wrap(model):
+        device = next(model.parameters()).device
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=ddp_bucket_mb)
+        wrapped.register_comm_hook(comm_timer, _timed_allreduce_hook)
+        return wrapped
+
+    job = build(dataclasses.replace(cfg, overlap=False), corpus=corpus, wrap=wrap, reducer=None)
+    job.autocast = None
+    return Runner(name, job, comm_timer)
 
 
-def _already_averaged_by_ddp(view: torch.Tensor, index: int) -> None:
-    """GradBuffer.sync's per-bucket step for DDP: nothing to do, backward already averaged."""
-
-
-def run_steps(runner: Runner, cfg: config.TrainConfig, corpus: data.Corpus, device: torch.device, count: int) -> None:
+def run_steps(runner: Runner, count: int) -> None:
     """``count`` more training steps of ``runner``: the schedule and batches depend only on the step."""
-    rank = world.rank()
     for _ in range(count):
-        step = runner.steps_done
-
-        def get_batch(micro, step=step):
-            x, y = data.sample_batch(corpus.block, cfg.batch_size, cfg.block_size, cfg.seed, rank, step, micro)
-            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-        optim.set_lr(runner.optimizer, optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-        runner.timer.begin_step(step)
-        loss = train_step(runner.forward_model, runner.grads, runner.optimizer, get_batch, 1, runner.timer,
-                          algorithm=runner.algorithm, grad_clip=cfg.grad_clip, reduce_bucket=runner.reduce_bucket)
-        if runner.comm_timer is not None:
-            runner.timer.add("comm_total", runner.comm_timer.take())
-        runner.timer.end_step()
-        runner.losses.append(loss)
+        runner.run.step()
+        if runner.comm_timer is not None:  # DDP's allreduces ran inside backward: credit their union
+            record = runner.run.timer.steps[-1]
+            record["comm_total"] = record.get("comm_total", 0.0) + runner.comm_timer.take()
 
 
 # ---------------------------------------------------------------- DDP: rendezvous and comm timing
@@ -236,6 +222,17 @@ def _validated(args) -> tuple[config.TrainConfig, list[str]]:
     if cfg.grad_accum != 1:
         raise UsageError(f"--grad-accum {cfg.grad_accum}: the ddp bench runs --grad-accum 1 (DDP would allreduce every micro-step)")
     algorithms = parse_algorithms(args.algorithms)
+    try:
+        ddp_buckets = [float(v) for v in args.ddp_bucket_mb.split(",") if v.strip()]
+    except ValueError:
+        ddp_buckets = []
+    if not ddp_buckets or any(not mb > 0 for mb in ddp_buckets):
+        raise UsageError(f"--ddp-bucket-mb {args.ddp_bucket_mb}: expected sizes in MB > 0, comma-separated, e.g. 1,5,25")
+    overlaps = _choices(args.overlap, "--overlap", {"on": True, "off": False}, [cfg.overlap])
+    zeros = _choices(args.zero, "--zero", {"0": 0, "1": 1}, [cfg.zero])
+    variants = [dataclasses.replace(cfg, allreduce=a, overlap=o, zero=z) for a in algorithms for o in overlaps for z in zeros]
+    for variant in variants:
+        config.check(variant)  # e.g. --zero 1 with tree: the same error as in training
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
     if args.warmup >= cfg.steps:
@@ -249,12 +246,31 @@ def _validated(args) -> tuple[config.TrainConfig, list[str]]:
     for option, path in (("--json", args.json_path), ("--plot", args.plot)):
         if path and not Path(path).expanduser().resolve().parent.is_dir():
             raise UsageError(f"{option} {path}: its directory does not exist")
-    return cfg, algorithms
+    return cfg, variants, ddp_buckets
+
+
+def _choices(text: str | None, flag: str, allowed: dict, default: list) -> list:
+    if text is None:
+        return default
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise UsageError(f"{flag} {text}: expected a comma-separated subset of {','.join(allowed)}")
+    return [allowed[n] for n in names]
+
+
+def variant_name(cfg: config.TrainConfig, all_variants: list[config.TrainConfig]) -> str:
+    """``mpilm ring``, plus ``overlap``/``no-overlap`` and ``zero1`` where the variants differ in them."""
+    name = f"mpilm {cfg.allreduce}"
+    if len({v.overlap for v in all_variants}) > 1:
+        name += " overlap" if cfg.overlap else " no-overlap"
+    if len({v.zero for v in all_variants}) > 1 and cfg.zero:
+        name += " zero1"
+    return name
 
 
 def _measure(runner: Runner, comm: MPI.Comm, warmup: int, tokens_per_step: int, losses: np.ndarray) -> dict:
     """Median step time (slowest rank per step), comm times and tokens/s of one runner. SYNC."""
-    steps = runner.timer.last(len(runner.timer.steps))[warmup:]
+    steps = runner.run.timer.last(len(runner.run.timer.steps))[warmup:]
     totals = np.array([s["total"] for s in steps])
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.MAX)  # a step lasts as long as its slowest rank
     per_rank = np.array([[s.get(k, 0.0) for k in (*_PLOT_PHASES, "comm_total")] for s in steps])
@@ -262,24 +278,47 @@ def _measure(runner: Runner, comm: MPI.Comm, warmup: int, tokens_per_step: int, 
     per_rank /= comm.Get_size()
     medians = dict(zip((*_PLOT_PHASES, "comm_total"), np.median(per_rank, axis=0).tolist()))
     step = float(np.median(totals))
+    state = np.array([float(runner.run.optimizer_state_bytes())])
+    comm.Allreduce(MPI.IN_PLACE, state, op=MPI.MAX)  # the largest per-rank optimizer state
     return {
+        "optimizer_state_bytes": float(state[0]),
         "runner": runner.name,
         "tokens_per_s": tokens_per_step / step,
         "step_ms": step * 1e3,
         "comm_ms": None if runner.comm_timer is not None else medians["comm"] * 1e3,  # DDP: inside backward
+        "hidden_share": None if runner.comm_timer is not None or medians["comm_total"] <= 0
+        else 1 - medians["comm"] / medians["comm_total"],
         "comm_total_ms": medians["comm_total"] * 1e3,
+        "compute_ms": sum(medians[k] for k in _PLOT_PHASES if k != "comm") * 1e3,
         "phases_ms": {k: medians[k] * 1e3 for k in _PLOT_PHASES},
         "timed_steps": len(steps),
         "losses": losses.tolist(),
     }
 
 
-def _table(rows: list[dict]) -> str:
-    lines = [f"{'runner':<14}{'tokens/s':>12}{'step ms':>10}{'comm ms':>10}{'comm total':>12}{'vs ddp':>8}"]
+def _bounds(rows: list[dict]) -> None:
+    """``step_vs_bound``: step time / max(compute, total comm), the best overlap can do.
+
+    Compute comes from the runner's no-overlap sibling where there is one (its phases are not
+    slowed by a communication thread sharing the cores), else from the runner itself.
+    """
+    by_name = {r["runner"]: r for r in rows}
     for r in rows:
-        exposed = f"{r['comm_ms']:10.2f}" if r["comm_ms"] is not None else f"{'(in bwd)':>10}"
-        lines.append(f"{r['runner']:<14}{r['tokens_per_s']:12,.0f}{r['step_ms']:10.2f}{exposed}"
-                     f"{r['comm_total_ms']:12.2f}{r['vs_ddp']:8.3f}")
+        sibling = by_name.get(r["runner"].replace(" overlap", " no-overlap"), r)
+        r["bound_ms"] = max(sibling["compute_ms"], r["comm_total_ms"])
+        r["step_vs_bound"] = r["step_ms"] / r["bound_ms"] if r["bound_ms"] > 0 else None
+
+
+def _table(rows: list[dict]) -> str:
+    width = max(14, *(len(r["runner"]) + 2 for r in rows))
+    lines = [f"{'runner':<{width}}{'tokens/s':>10}{'step ms':>9}{'compute':>9}{'comm ms':>9}{'comm total':>11}"
+             f"{'hidden':>8}{'step/bound':>11}{'vs ddp':>8}"]
+    for r in rows:
+        exposed = f"{r['comm_ms']:9.1f}" if r["comm_ms"] is not None else f"{'(in bwd)':>9}"
+        hidden = f"{r['hidden_share']:8.0%}" if r["hidden_share"] is not None else f"{'-':>8}"
+        bound = f"{r['step_vs_bound']:11.2f}" if r["comm_ms"] is not None and r["step_vs_bound"] else f"{'-':>11}"
+        lines.append(f"{r['runner']:<{width}}{r['tokens_per_s']:10,.0f}{r['step_ms']:9.1f}{r['compute_ms']:9.1f}"
+                     f"{exposed}{r['comm_total_ms']:11.1f}{hidden}{bound}{r['vs_ddp']:8.3f}")
     return "\n".join(lines)
 
 
@@ -310,18 +349,19 @@ def _plot(path: str, rows: list[dict], title: str) -> None:
 
 
 def run(args) -> dict:
-    cfg, algorithms = _validated(args)
+    cfg, variants, ddp_buckets = _validated(args)
     comm = world.WORLD
     p = comm.Get_size()
     device = world.pick_device(cfg.device)
     corpus = data.load(comm, cfg.data, cfg.cache_dir, cfg.val_fraction, cfg.block_size, cfg.data_io)  # SYNC
     backend = init_torch_distributed(comm, device)
-    runners = [make_runner("ddp", cfg, comm, device, corpus.vocab_size, ddp=True)]
-    runners += [make_runner(f"mpilm {a}", cfg, comm, device, corpus.vocab_size, algorithm=a) for a in algorithms]
-    n_params = sum(t.numel() for t in runners[0].grads.flat.values())
+    runners = [make_runner(f"ddp {mb:g}MB", cfg, corpus, ddp_bucket_mb=mb) for mb in ddp_buckets]
+    runners += [make_runner(variant_name(v, variants), v, corpus) for v in variants]
+    n_params = runners[0].run.grads.numel
     world.say(f"# mpilm vs DDP ({backend}): {p} ranks, device {device}, {cfg.model} {n_params / 1e6:.2f}M params, "
               f"batch {cfg.batch_size}x{cfg.block_size} per rank, {cfg.optimizer}, {cfg.steps} steps "
-              f"({args.warmup} warm-up), turns of {args.block_steps} steps, fp32, buckets {cfg.bucket_mb:g} MiB")
+              f"({args.warmup} warm-up), turns of {args.block_steps} steps, fp32, mpilm buckets {cfg.bucket_mb:g} MiB, "
+              f"DDP buckets {', '.join(f'{mb:g}' for mb in ddp_buckets)} MB")
 
     turn = 0
     while any(r.steps_done < cfg.steps for r in runners):
@@ -329,25 +369,28 @@ def run(args) -> dict:
         for k in range(len(runners)):
             runner = runners[(k + turn) % len(runners)]
             comm.Barrier()  # SYNC: every rank starts the turn together
-            run_steps(runner, cfg, corpus, device, min(args.block_steps, cfg.steps - runner.steps_done))
+            run_steps(runner, min(args.block_steps, cfg.steps - runner.steps_done))
         turn += 1
 
     tokens_per_step = cfg.batch_size * cfg.block_size * p
     rows = []
     for runner in runners:
-        losses = torch.stack(runner.losses).double().cpu().numpy()
+        losses = torch.stack(runner.run.losses).double().cpu().numpy()
         comm.Allreduce(MPI.IN_PLACE, losses, op=MPI.SUM)  # SYNC: the loss averaged over ranks, per step
         rows.append(_measure(runner, comm, args.warmup, tokens_per_step, losses / p))
-    ddp = rows[0]
+    n_ddp = len(ddp_buckets)
+    ddp = max(rows[:n_ddp], key=lambda r: r["tokens_per_s"])  # DDP at its best bucket size
     for row in rows:
         row["vs_ddp"] = row["tokens_per_s"] / ddp["tokens_per_s"]
         row["loss_max_abs_diff"] = float(np.max(np.abs(np.array(row["losses"][:args.check_steps])
-                                                       - np.array(ddp["losses"][:args.check_steps]))))
-    worst = max(rows[1:], key=lambda r: r["loss_max_abs_diff"])
-    best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+                                                       - np.array(rows[0]["losses"][:args.check_steps]))))
+    _bounds(rows)
+    worst = max(rows[1:], key=lambda r: r["loss_max_abs_diff"]) if len(rows) > 1 else rows[0]
+    best = max(rows[n_ddp:], key=lambda r: r["tokens_per_s"])
     check_ok = worst["loss_max_abs_diff"] <= args.tolerance
     world.say(_table(rows))
-    world.say(f"# best mpilm: {best['runner']} at {best['vs_ddp']:.3f}x DDP's tokens/s")
+    world.say(f"# best mpilm: {best['runner']} at {best['vs_ddp']:.3f}x the tokens/s of DDP at its best "
+              f"bucket size ({ddp['runner']})")
     world.say(f"# loss check, first {args.check_steps} steps vs DDP: max |diff| {worst['loss_max_abs_diff']:.2e} "
               f"({worst['runner']}), tolerance {args.tolerance:g}: {'ok' if check_ok else 'MISMATCH'}")
     result = {"world_size": p, "backend": backend, "device": str(device), "config": cfg.to_dict(),

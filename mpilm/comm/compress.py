@@ -1,11 +1,20 @@
-"""Gradient compressors: each one averages a gradient bucket over the ranks, in place, its own way.
+"""Gradient reducers: each one averages a gradient bucket over the ranks, in place, its own way.
 
-Public API (grad sync calls it once per bucket and step):
+Public API (``grad_sync.GradBuffer`` calls it once per bucket and step, on its communication
+thread when overlap is on):
     make_compressor(name, *, topk_ratio=0.01, error_feedback=True, aggregate="allgather",
                     momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0)
-    compressor.allreduce_(bucket, key, comm, algorithm, step)   average ``bucket`` over ``comm``
+    reducer = compressor.bind(comm, algorithm)                 the reducer protocol below, on ``comm``
+    reducer.reduce(bucket, step) -> BucketTiming              average ``bucket.view`` over the ranks
+    reducer.reduce_scatter(bucket, step) -> BucketTiming      ZeRO-1: only this rank's shard averaged
+    compressor.allreduce_(tensor, key, comm, algorithm, step)  the same on a bare tensor (tests, bench)
+    compressor.state_dict() / load_state_dict(state)           residuals and velocities (topk)
     compressor.name, compressor.describe()                      one line for the start banner
     COMPRESSORS, TOPK_AGGREGATES                                 the names ``make_compressor`` takes
+
+Every reducer times itself: ``BucketTiming`` carries the reduction's start and end (host clock)
+and the seconds of its own arithmetic (casts, selection, accumulation), so communication and
+compression are told apart without the reducer knowing who times the step.
 
 The compressors:
 - ``none``: ``collectives.allreduce(bucket, comm, algorithm, "avg")``.
@@ -53,8 +62,8 @@ The compressors:
 - Bytes: every MPI call made here adds what it moves to ``world.traffic`` (the dense paths are
   counted by the collectives), so the compression ratio is measured, not computed.
 
-What it does not: no bucketing or scheduling (``grad_sync.py``); no checkpointing of residuals
-(a resumed run starts with empty residuals: the gradient mass held back at the save is lost once).
+What it does not: no bucketing or scheduling (``grad_sync.py``); option checks beyond the
+arguments it is handed (``config.check`` is the one validator of the command line).
 
 Limits: ``topk`` needs float32 buckets of fewer than 2^31 elements; every rank must call with the
 same bucket sizes, keys, steps and options (the pair counts are derived, not exchanged).
@@ -64,14 +73,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 from mpi4py import MPI
 
-from mpilm import kernels
+from mpilm import kernels, trace
 from mpilm.comm import collectives, p2p, world
-from mpilm.errors import UsageError
 
 COMPRESSORS = ("none", "fp16", "bf16", "topk")
 TOPK_AGGREGATES = ("allgather", "gtopk")
@@ -121,20 +130,83 @@ def goes_dense(n: int, k: int, p: int, aggregate: str) -> bool:
 
 
 # ---------------------------------------------------------------- compressors
-class Compressor:
-    name = "none"
-    # a PhaseTimer (set by the trainer): the compressors' own arithmetic is carved out of the
-    # exposed comm phase into "compress"; None outside training
-    timer = None
+@dataclass
+class BucketTiming:
+    """One bucket's reduction: host times from the reducer, and how long the caller waited for it."""
 
-    def _computing(self):
-        return self.timer.carve("compress", "comm") if self.timer is not None else contextlib.nullcontext()
+    bucket: int
+    start: float  # perf_counter when the reduction began
+    stop: float  # ... and ended
+    compress_s: float = 0.0  # the reducer's own arithmetic (casts, selection), inside [start, stop)
+    exposed_s: float = 0.0  # how long wait() blocked on this bucket (all of it without overlap)
+
+    @property
+    def total_s(self) -> float:
+        return self.stop - self.start
+
+    @property
+    def comm_s(self) -> float:
+        return self.total_s - self.compress_s
+
+
+class Compressor:
+    """The plain reducer (``none``): a dense allreduce of the fp32 bucket. Base of the others."""
+
+    name = "none"
+    comm: MPI.Comm | None = None
+    algorithm: str = "auto"
+    _compress_s = 0.0  # this reduction's own arithmetic so far (reset per bucket by ``_timed``)
+
+    def bind(self, comm: MPI.Comm, algorithm: str) -> "Compressor":
+        """Fix the communicator and algorithm ``reduce`` / ``reduce_scatter`` use; returns self."""
+        self.comm, self.algorithm = comm, algorithm
+        return self
 
     def describe(self) -> str:
         return "none: dense fp32 allreduce"
 
+    # ------------------------------------------------------------ the reducer protocol
+    def reduce(self, bucket, step: int) -> BucketTiming:
+        """Average ``bucket.view`` over the bound communicator, in place. Blocks on every rank."""
+        return self._timed(bucket, "allreduce", lambda: self.allreduce_(bucket.view, bucket.index, self.comm,
+                                                                         self.algorithm, step))
+
+    def reduce_scatter(self, bucket, step: int) -> BucketTiming:
+        """Average only this rank's ``shard_bounds`` slice of ``bucket.view`` (ZeRO-1). Blocks."""
+        return self._timed(bucket, "reduce-scatter", lambda: self.reduce_scatter_(bucket.view, bucket.index,
+                                                                                  self.comm, self.algorithm, step))
+
+    def _timed(self, bucket, verb: str, work) -> BucketTiming:
+        self._compress_s = 0.0
+        t0 = time.perf_counter()
+        # one trace event per bucket when a --trace is recording (a shared no-op otherwise)
+        with trace.traced("communication", f"{verb} b{bucket.index}", bucket=bucket.index, bytes=bucket.nbytes,
+                          algorithm=self.algorithm, compress=self.name):
+            work()
+        return BucketTiming(bucket.index, t0, time.perf_counter(), self._compress_s)
+
+    @contextlib.contextmanager
+    def _computing(self):
+        """The reducer's own arithmetic: counted apart from communication, traced as compression."""
+        t0 = time.perf_counter()
+        with trace.traced("compression", self.name):
+            yield
+        self._compress_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------ on bare tensors
     def allreduce_(self, bucket: torch.Tensor, key: int, comm: MPI.Comm | None, algorithm: str, step: int) -> None:
         collectives.allreduce(bucket, comm or world.WORLD, algorithm, "avg")
+
+    def reduce_scatter_(self, bucket: torch.Tensor, key: int, comm: MPI.Comm | None, algorithm: str,
+                        step: int) -> None:
+        collectives.reduce_scatter(bucket, comm or world.WORLD, "avg", algorithm)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"compressor {self.name}: unexpected state {sorted(state)}")
 
 
 class HalfPrecision(Compressor):
@@ -145,6 +217,12 @@ class HalfPrecision(Compressor):
         self.name = "fp16" if dtype == torch.float16 else "bf16"
         self._half: dict[int, torch.Tensor] = {}
 
+    def _half_buffer(self, bucket: torch.Tensor, key: int) -> torch.Tensor:
+        half = self._half.get(key)
+        if half is None or half.numel() != bucket.numel() or half.device != bucket.device:
+            half = self._half[key] = torch.empty(bucket.numel(), dtype=self.dtype, device=bucket.device)
+        return half
+
     def describe(self) -> str:
         return f"{self.name}: gradients travel as {self.name} (2 bytes per element), pre-divided by p, summed, cast back to fp32"
 
@@ -153,14 +231,25 @@ class HalfPrecision(Compressor):
         if bucket.dtype == self.dtype:
             collectives.allreduce(bucket, comm, algorithm, "avg")
             return
-        half = self._half.get(key)
-        if half is None or half.numel() != bucket.numel() or half.device != bucket.device:
-            half = self._half[key] = torch.empty(bucket.numel(), dtype=self.dtype, device=bucket.device)
+        half = self._half_buffer(bucket, key)
         with self._computing():
             torch.div(bucket, comm.Get_size(), out=half)  # divide in fp32, round once into the half type
         collectives.allreduce(half, comm, algorithm, "sum")
         with self._computing():
             bucket.copy_(half)
+
+    def reduce_scatter_(self, bucket, key, comm, algorithm, step):
+        comm = comm or world.WORLD
+        if bucket.dtype == self.dtype:
+            collectives.reduce_scatter(bucket, comm, "avg", algorithm)
+            return
+        half = self._half_buffer(bucket, key)
+        with self._computing():
+            torch.div(bucket, comm.Get_size(), out=half)
+        mine = collectives.reduce_scatter(half, comm, "sum", algorithm)
+        lo = mine.data_ptr() - half.data_ptr()
+        with self._computing():  # only this rank's shard is needed (the optimizer steps it)
+            bucket[lo // half.element_size():lo // half.element_size() + mine.numel()].copy_(mine)
 
 
 @dataclass
@@ -209,6 +298,25 @@ class TopK(Compressor):
 
     def density(self, step: int) -> float:
         return density_at(step, self.ratio, self.warmup_steps)
+
+    def reduce_scatter_(self, bucket, key, comm, algorithm, step):
+        raise ValueError("topk: the sparse exchange has no reduce-scatter half (ZeRO-1 needs --compress none|fp16|bf16)")
+
+    def state_dict(self) -> dict:
+        """Per bucket: the residual (and DGC velocity) this rank holds back; differs per rank."""
+        return {"buckets": {key: {"residual": s.residual, "velocity": s.velocity} for key, s in self._state.items()},
+                "dense_reported": self._dense_reported}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {}
+        for key, saved in state.get("buckets", {}).items():
+            like = saved["residual"] if saved["residual"] is not None else saved["velocity"]
+            numel = like.numel() if like is not None else 0
+            self._state[int(key)] = _TopkState(
+                numel=numel,
+                residual=None if saved["residual"] is None else saved["residual"].clone(),
+                velocity=None if saved["velocity"] is None else saved["velocity"].clone())
+        self._dense_reported = bool(state.get("dense_reported", False))
 
     # ------------------------------------------------------------ per-step entry point
     def allreduce_(self, bucket, key, comm, algorithm, step):
@@ -446,24 +554,19 @@ def _merge_top(first_idx, first_val, second_idx, second_val, k):
 def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool = True,
                     aggregate: str = "allgather", momentum_correction: bool = False, momentum: float = 0.9,
                     local_clip: float = 0.0, warmup_steps: int = 0) -> Compressor:
-    """The compressor ``name`` (one of COMPRESSORS). Raises UsageError naming the bad option."""
-    if name not in COMPRESSORS:
-        raise UsageError(f"--compress {name}: expected one of {', '.join(COMPRESSORS)}")
+    """The compressor ``name`` (one of COMPRESSORS).
+
+    The options are checked where the user gives them (``config.check``, before any data loads);
+    here a value no option could produce is a programming error (ValueError).
+    """
     if name == "none":
         return Compressor()
     if name in ("fp16", "bf16"):
         return HalfPrecision(torch.float16 if name == "fp16" else torch.bfloat16)
-    if not (isinstance(topk_ratio, (int, float)) and 0 < topk_ratio <= 1):
-        raise UsageError(f"--topk-ratio {topk_ratio}: expected a density in (0, 1], e.g. 0.01")
-    if aggregate not in TOPK_AGGREGATES:
-        raise UsageError(f"--topk-aggregate {aggregate}: expected one of {', '.join(TOPK_AGGREGATES)}")
-    if momentum_correction and not error_feedback:
-        raise UsageError("--momentum-correction accumulates velocity in the residual: it needs --error-feedback")
-    if not 0 <= momentum < 1:
-        raise UsageError(f"--momentum {momentum}: expected a value in [0, 1)")
-    if not (local_clip >= 0 and math.isfinite(local_clip)):
-        raise UsageError(f"--local-clip {local_clip}: expected a norm >= 0 (0 disables)")
-    if warmup_steps < 0:
-        raise UsageError(f"--topk-warmup-steps {warmup_steps}: expected a whole number >= 0")
+    if name != "topk":
+        raise ValueError(f"unknown compressor {name!r}: expected one of {', '.join(COMPRESSORS)}")
+    if not 0 < topk_ratio <= 1 or aggregate not in TOPK_AGGREGATES or (momentum_correction and not error_feedback):
+        raise ValueError(f"topk: inconsistent options ratio={topk_ratio} aggregate={aggregate!r} "
+                         f"momentum_correction={momentum_correction} error_feedback={error_feedback}")
     return TopK(float(topk_ratio), bool(error_feedback), aggregate, bool(momentum_correction),
                 float(momentum), float(local_clip), int(warmup_steps))

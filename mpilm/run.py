@@ -1,0 +1,246 @@
+"""``Run``: one rank's training job, built from a ``TrainConfig``; ``step()`` is one optimizer step.
+
+    run = build(cfg)                   # SYNC: loads the corpus, builds and broadcasts the model
+    loss = run.step()                  # one optimizer step (grad accumulation, sync, clip, update)
+    val = run.evaluate()               # SYNC: validation loss averaged over the ranks
+    state = run.state_dict()           # everything this rank needs to continue bit-exactly
+    run.load_state_dict(state)         # ... into a freshly built Run
+    run.close()                        # stops the communication thread
+
+What it does: wires the parts (data, model, ``GradBuffer`` with its reducer and communication
+thread, optimizer or ``Zero1``, ``PhaseTimer``, tracer) and runs one step with every phase timed:
+data | forward | backward | comm (exposed: what this thread waited for) | compress (exposed, only
+without overlap: with overlap it runs on the communication thread) | optimizer, plus
+``comm_total`` / ``compress_total`` (all of it, wherever it ran) and per-bucket totals.
+
+The state (torchtitan's Stateful pattern): model, optimizer (this rank's ZeRO-1 shard under
+``--zero 1``), compressor state (top-k residuals differ per rank), the step (the sampler's
+position: batches are a function of (seed, rank, step, micro-step)) and the torch RNG.
+
+Does not: print, log, evaluate on a schedule, write files (``train.py``); checkpoint files
+(``checkpoint.py``).
+
+Limits: ``state_dict`` is this rank's; resuming needs the same world size and configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpilm import config, data, models, optim
+from mpilm.comm import collectives, compress, world
+from mpilm.comm.compress import BucketTiming
+from mpilm.comm.grad_sync import GradBuffer, broadcast_
+from mpilm.errors import UsageError
+from mpilm.timing import PhaseTimer
+from mpilm.trace import Tracer
+
+
+@dataclass
+class BucketStats:
+    """Per bucket, summed over the steps timed: reduction time and the part the main thread waited."""
+
+    total_s: list[float]
+    exposed_s: list[float]
+    steps: int = 0
+
+    def add(self, timings: list[BucketTiming]) -> None:
+        for t in timings:
+            self.total_s[t.bucket] += t.total_s
+            self.exposed_s[t.bucket] += t.exposed_s
+        self.steps += 1
+
+
+@dataclass
+class Run:
+    cfg: config.TrainConfig
+    comm: MPI.Comm  # the main thread's communicator (data, eval, logging)
+    grad_comm: MPI.Comm  # the gradient collectives' own duplicate: the communication thread's
+    device: torch.device
+    corpus: data.Corpus
+    model: torch.nn.Module
+    forward_model: torch.nn.Module  # what step() calls: the model, or a wrapper (bench ddp's DDP)
+    grads: GradBuffer
+    reducer: compress.Compressor | None
+    optimizer: object  # torch.optim.Optimizer or optim.Zero1
+    timer: PhaseTimer
+    tracer: Tracer | None
+    autocast: object = None
+    step_index: int = 0
+    losses: list = field(default_factory=list)  # this rank's loss per step (tensors: no device sync)
+    buckets: BucketStats | None = None
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
+        cfg, timer, grads, step = self.cfg, self.timer, self.grads, self.step_index
+        timer.begin_step(step)
+        lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        optim.set_lr(self.optimizer, lr)
+        with timer.phase("optimizer"):  # zeroing is the optimizer's bookkeeping
+            grads.begin_step(step)
+            total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            grads.arm(final=micro == cfg.grad_accum - 1)  # earlier micro-steps only accumulate (no_sync)
+            with timer.phase("data"):
+                x, y = data.sample_batch(self.corpus.block, cfg.batch_size, cfg.block_size, cfg.seed,
+                                         self.comm.Get_rank(), step, micro)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with timer.phase("forward"), (self.autocast or contextlib.nullcontext()):
+                _, loss = self.forward_model(x, y)
+                loss = loss / cfg.grad_accum  # the mean over all micro-batches: accumulation == a bigger batch
+            with timer.phase("backward"):  # with overlap, buckets are reduced on the comm thread meanwhile
+                loss.backward()
+                total += loss.detach()
+        with timer.phase("comm"):
+            timings = grads.wait()  # SYNC: every bucket is averaged over every rank
+        self._credit(timings)
+        with timer.phase("optimizer"):
+            if cfg.zero:
+                optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
+                self.optimizer.inner_step()
+            else:
+                optim.clip_(list(grads.flat.values()), cfg.grad_clip)
+                self.optimizer.step()
+        if cfg.zero:
+            with timer.phase("comm"):
+                seconds = self.optimizer.gather()  # SYNC: every rank's updated shard reaches every rank
+            timer.add("comm_total", seconds)
+        timer.end_step()
+        self.losses.append(total)
+        self.step_index += 1
+        return total
+
+    def _credit(self, timings: list[BucketTiming]) -> None:
+        if not timings:
+            return
+        compress_s = sum(t.compress_s for t in timings)
+        self.timer.add("comm_total", sum(t.total_s for t in timings))
+        self.timer.add("compress_total", compress_s)
+        if not self.grads.overlap:  # the reducers' arithmetic ran here, inside the comm phase
+            self.timer.move(compress_s, "comm", "compress")
+        if self.buckets is None:
+            self.buckets = BucketStats([0.0] * len(self.grads.buckets), [0.0] * len(self.grads.buckets))
+        if self.step_index > 0:  # the first step pays one-off set-up; left out as in the phase summary
+            self.buckets.add(timings)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over fixed validation windows, shared out over the ranks. SYNC (allreduce)."""
+        cfg, comm = self.cfg, self.comm
+        self.model.eval()
+        starts = data.eval_starts(self.corpus.val.numel(), cfg.block_size, cfg.eval_batches * cfg.batch_size, cfg.seed)
+        mine = starts[comm.Get_rank()::comm.Get_size()]
+        sums = np.zeros(2)  # [sum of token losses, number of windows]
+        for chunk in mine.split(cfg.batch_size):
+            x, y = data.windows(self.corpus.val, chunk, cfg.block_size)
+            with self.autocast or contextlib.nullcontext():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            sums += (loss.item() * len(chunk), len(chunk))
+        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
+        self.model.train()
+        return float(sums[0] / sums[1])
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """This rank's state: enough for a freshly built Run to continue bit-exactly."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step_index,
+            "world_size": self.comm.Get_size(),
+            "rank": self.comm.Get_rank(),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _cloned(self.optimizer.state_dict()),
+            "compressor": _cloned(self.reducer.state_dict()) if self.reducer is not None else {},
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.comm.Get_size() or state["rank"] != self.comm.Get_rank():
+            raise UsageError(f"state of rank {state['rank']} of {state['world_size']} cannot resume rank "
+                             f"{self.comm.Get_rank()} of {self.comm.Get_size()}: resume with the same number of ranks")
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"])  # copies in place: the flat-buffer views stay
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.reducer is not None:
+            self.reducer.load_state_dict(state["compressor"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step_index = int(state["step"])
+
+    def optimizer_state_bytes(self) -> int:
+        return optim.state_bytes(self.optimizer.inner if self.cfg.zero else self.optimizer)
+
+    def close(self) -> None:
+        """Stop the communication thread (idempotent); the communicators go with the process."""
+        self.grads.close()
+
+
+def _cloned(state):
+    """A deep copy of a state dict's tensors (the live ones keep changing as training goes on)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_cloned(v) for v in state]
+    return state
+
+
+def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data.Corpus | None = None,
+          wrap=None, reducer: str | None = "config") -> Run:
+    """A Run on every rank of ``comm`` (collective: call on all ranks with the same config).
+
+    ``corpus``: an already loaded corpus (bench ddp builds several Runs over one). ``wrap(model)``
+    returns the module ``step()`` calls (bench ddp: the DDP wrapper). ``reducer=None``: the
+    gradients are averaged elsewhere (DDP's hooks) and ``GradBuffer.wait()`` only checks.
+    """
+    comm = comm or world.WORLD
+    n_ranks = comm.Get_size()
+    device = world.pick_device(cfg.device)
+    if cfg.allreduce == "shm" and world.local_size() != n_ranks:  # the same verdict on every rank
+        raise UsageError(f"--allreduce shm: the job spans several nodes ({world.local_size()} of {n_ranks} ranks "
+                         "on this one); shm works within one node, use --allreduce hier")
+    if cfg.overlap and n_ranks > 1:
+        world.require_thread_level(MPI.THREAD_MULTIPLE, "--overlap reduces gradients on a communication thread "
+                                                        "while the main thread may run its own collectives")
+    if corpus is None:
+        corpus = data.load(comm, cfg.data, cfg.cache_dir, cfg.val_fraction, cfg.block_size, cfg.data_io)  # SYNC
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout).to(device)
+    broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
+    grad_comm = comm.Dup()  # collective: the communication thread's own communicator
+    collectives.prepare(grad_comm)  # collective first-use set-up, before the comm thread may run
+    compressor = None
+    if reducer == "config":
+        # topk builds or loads the C++ kernels here, not in step 1
+        compressor = compress.make_compressor(
+            cfg.compress, topk_ratio=cfg.topk_ratio, error_feedback=cfg.error_feedback,
+            aggregate=cfg.topk_aggregate, momentum_correction=cfg.momentum_correction, momentum=cfg.momentum,
+            local_clip=cfg.local_clip, warmup_steps=cfg.topk_warmup_steps).bind(grad_comm, cfg.allreduce)
+    # gradients in node shared memory when an algorithm may read peers' memory directly
+    grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, grad_comm, device,
+                       shared_memory=cfg.allreduce in ("shm", "hier", "auto"), reducer=compressor,
+                       overlap=cfg.overlap, shard=cfg.zero == 1)  # SYNC: map check
+    # with DGC momentum correction the compressor applies the momentum: SGD must not apply it twice
+    momentum = 0.0 if cfg.momentum_correction else cfg.momentum
+    if cfg.zero:
+        optimizer = optim.Zero1(grads, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum, grad_comm, cfg.allreduce)
+    else:
+        optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
+    tracer = Tracer(comm.Get_rank(), cfg.trace_steps) if cfg.trace else None
+    timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    forward_model = wrap(model) if wrap is not None else model
+    return Run(cfg, comm, grad_comm, device, corpus, model, forward_model, grads, compressor, optimizer, timer,
+               tracer, autocast)
