@@ -35,6 +35,7 @@ ZERO_STAGES = (0, 1)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
 BUCKET_MB_DEFAULT = 4.0
+COMM_POLL_US_DEFAULT = 100.0
 
 
 def opt(default: Any, help: str, *, choices=None, check=None, cli: str | None = None):
@@ -90,6 +91,9 @@ class TrainConfig:
                                               "filled it (smaller: more overlap, more messages)", check=positive)
     overlap: bool = opt(True, "reduce each gradient bucket on a communication thread while backward computes the "
                               "rest (--no-overlap: reduce all buckets after backward, on the main thread)")
+    comm_poll_us: float = opt(COMM_POLL_US_DEFAULT, "with --overlap: the communication thread waits on its peers by testing "
+                                                    "every N microseconds and sleeping in between, leaving the cores to "
+                                                    "backward (0: MPI's own busy-polling wait)", check=non_negative)
     zero: int = opt(0, "ZeRO stage: 1 shards the optimizer state over the ranks (reduce-scatter the gradients, "
                        "step this rank's shard, allgather the parameters)", choices=ZERO_STAGES)
     # gradient compression

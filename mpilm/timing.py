@@ -11,16 +11,16 @@ read from / wrote into its node peers' shared memory. On CPU a phase is timed wi
 phase records a pair of CUDA events and nothing synchronizes in the hot path: ``flush()``
 (called at log steps) waits for the last event once and converts every pending pair to seconds.
 The step total is host time on both. With a ``mpilm.trace.Tracer`` every timed phase of a traced
-step also becomes a trace event (CUDA phases once flushed, mapped onto the host clock); a
-``carve``d sub-phase lands on the "compression" track with the args of the enclosing ``traced``
-span. ``rank_stats`` gives the per-step means that ``mpilm.metrics.run_metrics`` turns into the
+step also becomes a trace event (CUDA phases once flushed, mapped onto the host clock); the
+reducers' own arithmetic is re-labelled from ``comm`` to ``compress`` with ``move`` (they trace
+it themselves, on the "compression" track). ``rank_stats`` gives the per-step means that ``mpilm.metrics.run_metrics`` turns into the
 end-of-run figures.
 
 Threads: ``add`` may be called from any thread (the communication thread credits
 ``comm_total`` and per-bucket times): it takes a lock, as do the timer's own updates of the
 step record. Its seconds land in the step open when it runs, so the other thread must be done
 crediting a step before the main thread ends it (``wait()`` before the optimizer). Everything
-else (``begin_step``, ``end_step``, ``phase``, ``carve``, ``flush``, reporting) belongs to the
+else (``begin_step``, ``end_step``, ``phase``, ``move``, ``flush``, reporting) belongs to the
 thread that drives the training loop.
 
 Does not: write the trace (``mpilm.trace``) or compute run metrics (``mpilm.metrics``); any MPI
@@ -99,25 +99,11 @@ class PhaseTimer:
     def phase(self, name: str):
         """``with timer.phase("forward"):`` times the block as ``name``."""
         trace_as = (trace.phase_track(name), {}) if self.tracer is not None and self.tracer.recording else None
-        return self._timed(name, None, trace_as)
-
-    def carve(self, name: str, parent: str):
-        """A sub-phase inside the open phase ``parent``: its time counts as ``name``, not ``parent``.
-
-        The compressors use it for their own arithmetic (select, pack, accumulate, cast) inside
-        the exposed ``comm`` phase, so ``compress`` and ``comm`` stay disjoint and still add up.
-        Traced on the "compression" track with the args (bucket, bytes, algorithm) of the
-        enclosing ``traced`` span, i.e. of the bucket being reduced.
-        """
-        trace_as = None
-        if self.tracer is not None and self.tracer.recording:
-            trace_as = ("compression", self.tracer.open_args())
-        return self._timed(name, parent, trace_as)
+        return self._timed(name, trace_as)
 
     @contextmanager
-    def _timed(self, name: str, parent: str | None, trace_as: tuple | None):
-        """Time the block as ``name`` (and, when carving, take the same time off ``parent``);
-        ``trace_as`` = (track, args) records it on the tracer too."""
+    def _timed(self, name: str, trace_as: tuple | None):
+        """Time the block as ``name``; ``trace_as`` = (track, args) records it on the tracer too."""
         if name not in self.phase_names:
             self.phase_names.append(name)
         step = self._step
@@ -128,7 +114,7 @@ class PhaseTimer:
                 yield
             finally:
                 end.record()
-                self._pending.append(_Pending(self._current, name, parent, start, end, step, trace_as))
+                self._pending.append(_Pending(self._current, name, start, end, step, trace_as))
         else:
             t0 = time.perf_counter()
             try:
@@ -137,8 +123,6 @@ class PhaseTimer:
                 t1 = time.perf_counter()
                 with self._lock:
                     self._current[name] += t1 - t0
-                    if parent is not None:
-                        self._current[parent] -= t1 - t0
                 if trace_as is not None:
                     self.tracer.add(trace_as[0], name, t0, t1, step, **trace_as[1])
 
@@ -169,8 +153,6 @@ class PhaseTimer:
             seconds = p.start.elapsed_time(p.end) / 1e3
             with self._lock:
                 p.record[p.name] = p.record.get(p.name, 0.0) + seconds
-                if p.parent is not None:
-                    p.record[p.parent] = p.record.get(p.parent, 0.0) - seconds
             if p.trace is not None:
                 t0 = self._device_to_host(p.start)
                 self.tracer.add(p.trace[0], p.name, t0, t0 + seconds, p.step, **p.trace[1])
@@ -237,7 +219,6 @@ class _Pending:
 
     record: dict  # the step record (the working dict, which becomes the record at end_step)
     name: str
-    parent: str | None  # carve: the phase the same seconds are taken off
     start: object  # torch.cuda.Event pair
     end: object
     step: int

@@ -5,7 +5,7 @@ first ``max_steps`` steps of every rank: one process per rank, one lane (``tid``
 ``TRACKS`` for the events of the thread that drives the training loop (the tracer's owner: the
 thread that built it or called ``start``): "step", "compute" and "grad sync" for the phases
 (``phase_track``), "communication" for the collectives and "compression" for the compressors'
-arithmetic carved out of the comm phase. Events recorded by any other thread (the communication
+arithmetic (each reducer traces its own). Events recorded by any other thread (the communication
 thread running bucket collectives while the main thread runs backward) go on a lane of that
 thread instead, beside the main thread's: the first such thread gets the "comm thread" lane,
 any further one a lane "thread <name>" after it (lanes are keyed by thread name, so a thread
@@ -15,7 +15,7 @@ its own ``perf_counter`` offset from that moment, so the skew between ranks is t
 skew (microseconds on one node; more across nodes, and clock drift adds to it on long traces).
 Communication code reports per-bucket events through ``traced(...)``, which costs one global
 lookup when no tracer is active; ``Tracer.open_args`` gives the args of the calling thread's
-innermost open ``traced`` span (``PhaseTimer.carve`` tags the compression event with them).
+innermost open ``traced`` span.
 
 Threads: events are appended under a lock; the stack of open ``traced`` spans is per thread; a
 span takes its step number when it opens. ``begin_step``, ``start`` and ``finish`` belong to the

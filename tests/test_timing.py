@@ -113,26 +113,31 @@ def test_trace_records_only_the_first_steps_in_chrome_format(tmp_path):
     assert ("process_name", "rank 0") in names and ("thread_name", "communication") in names
 
 
-def test_carved_compress_time_leaves_comm_and_is_traced_with_its_bucket(tmp_path):
+def test_reducer_arithmetic_is_moved_from_comm_and_traced_with_its_bucket(tmp_path):
+    from mpi4py import MPI as _MPI
+
+    from mpilm.comm import compress
+    from mpilm.comm.grad_sync import Bucket
+
     tracer = trace.Tracer(rank=0, max_steps=1)
     tracer.start(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     timer = timing.PhaseTimer("cpu", tracer=tracer)
     timer.begin_step(0)
+    bucket = Bucket(2, torch.float32, 0, 100, ["w"], torch.ones(100))
     with timer.phase("comm"):
-        with trace.traced("communication", "allreduce b2", bucket=2, bytes=400, algorithm="compressed"):
-            with timer.carve("compress", "comm"):
-                time.sleep(0.003)
-            time.sleep(0.001)
+        t = compress.make_compressor("fp16").bind(_MPI.COMM_SELF, "ring").reduce(bucket, 0)
+        time.sleep(0.001)
+    timer.move(t.compress_s, "comm", "compress")
     record = timer.end_step()
-    assert record["compress"] >= 0.003 and record["comm"] >= 0.0009
+    assert record["compress"] == pytest.approx(t.compress_s) and record["comm"] >= 0.0009
     tracer.finish(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
-    carved = next(e for e in events if e["name"] == "compress")
-    assert carved["tid"] == trace.TRACKS.index("compression")
-    assert carved["args"] == {"step": 0, "bucket": 2, "bytes": 400, "algorithm": "compressed"}
-    bucket = next(e for e in events if e["name"] == "allreduce b2")
-    assert bucket["ts"] <= carved["ts"] and carved["ts"] + carved["dur"] <= bucket["ts"] + bucket["dur"] + 1
-    # the comm phase's span is exactly split between what stays "comm" and what was carved out
+    cast = [e for e in events if e["name"] == "fp16"]
+    assert len(cast) == 2 and all(e["tid"] == trace.TRACKS.index("compression") for e in cast)
+    assert cast[0]["args"]["bucket"] == 2 and cast[0]["args"]["algorithm"] == "ring"
+    outer = next(e for e in events if e["name"] == "allreduce b2")
+    assert all(outer["ts"] <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + outer["dur"] + 1 for e in cast)
+    # the comm phase's span is exactly split between what stays "comm" and what moved
     whole = next(e for e in events if e["name"] == "comm")["dur"] / 1e6
     assert record["comm"] + record["compress"] == pytest.approx(whole, abs=1e-5)
 
@@ -164,19 +169,18 @@ def test_cuda_path_resolves_events_only_at_flush_and_maps_them_onto_the_host_clo
     with timer.phase("forward"):
         time.sleep(0.002)
     with timer.phase("comm"), trace.traced("communication", "allreduce b0", bucket=0, bytes=8, algorithm="ring"):
-        with timer.carve("compress", "comm"):
-            time.sleep(0.002)
+        time.sleep(0.003)
+    timer.move(0.002, "comm", "compress")  # host-timed arithmetic re-labelled before the events resolve
     record = timer.end_step()
-    assert "forward" not in record and len(timer._pending) == 3  # nothing resolved before a flush
+    assert "forward" not in record and len(timer._pending) == 2  # nothing resolved before a flush
     timer.flush()
-    assert record["forward"] >= 0.002 and record["compress"] >= 0.002
-    assert 0 <= record["comm"] < record["compress"]
+    assert record["forward"] >= 0.002 and record["compress"] == 0.002
+    assert 0.0009 <= record["comm"]
     tracer.finish(MPI.COMM_SELF, str(tmp_path / "trace.json"))
     events = {e["name"]: e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"}
     step = events["step 0"]
-    for name in ("forward", "comm", "compress"):
+    for name in ("forward", "comm", "allreduce b0"):
         assert step["ts"] - 1 <= events[name]["ts"] <= step["ts"] + step["dur"], name
-    assert events["compress"]["args"]["bucket"] == 0 and events["compress"]["cat"] == "compression"
     assert events["forward"]["dur"] == pytest.approx(record["forward"] * 1e6, abs=1)
 
 

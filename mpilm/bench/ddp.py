@@ -315,7 +315,7 @@ def _table(rows: list[dict]) -> str:
              f"{'hidden':>8}{'step/bound':>11}{'vs ddp':>8}"]
     for r in rows:
         exposed = f"{r['comm_ms']:9.1f}" if r["comm_ms"] is not None else f"{'(in bwd)':>9}"
-        hidden = f"{r['hidden_share']:8.0%}" if r["hidden_share"] is not None else f"{'-':>8}"
+        hidden = f"{max(0.0, r['hidden_share']):8.0%}" if r["hidden_share"] is not None else f"{'-':>8}"
         bound = f"{r['step_vs_bound']:11.2f}" if r["comm_ms"] is not None and r["step_vs_bound"] else f"{'-':>11}"
         lines.append(f"{r['runner']:<{width}}{r['tokens_per_s']:10,.0f}{r['step_ms']:9.1f}{r['compute_ms']:9.1f}"
                      f"{exposed}{r['comm_total_ms']:11.1f}{hidden}{bound}{r['vs_ddp']:8.3f}")

@@ -189,7 +189,9 @@ class Compressor:
     def _computing(self):
         """The reducer's own arithmetic: counted apart from communication, traced as compression."""
         t0 = time.perf_counter()
-        with trace.traced("compression", self.name):
+        tracer = trace.active_tracer()
+        # on the compression track, with the args (bucket, bytes, algorithm) of the bucket being reduced
+        with trace.traced("compression", self.name, **(tracer.open_args() if tracer is not None else {})):
             yield
         self._compress_s += time.perf_counter() - t0
 

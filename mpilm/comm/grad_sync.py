@@ -27,6 +27,9 @@ What it does:
   happens, the rank says which parameters had no gradient.
 - **ZeRO-1 half.** With ``shard=True`` each bucket is reduce-scattered instead of allreduced:
   rank r's ``shard_bounds`` slice of every bucket holds the average; the rest holds partials.
+- **Polite waiting.** With ``poll_s`` the communication thread waits on its peers by testing and
+  sleeping (``p2p.poll_politely``) instead of MPI's busy Wait, which would take a core from the
+  backward it hides behind.
 - **CUDA.** The communication thread works on its own stream; each bucket's reduction waits on
   an event recorded on the producer stream when the bucket became ready, and ``wait()`` makes the
   caller's stream wait on an event recorded after the reduction: no device-wide synchronize.
@@ -53,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import shm, world
+from mpilm.comm import p2p, shm, world
 from mpilm.comm.collectives import shard_bounds
 from mpilm.comm.compress import BucketTiming
 
@@ -79,11 +82,13 @@ class Bucket:
 
 class GradBuffer:
     def __init__(self, named_params, bucket_bytes: float, comm: MPI.Comm, device: torch.device | str = "cpu",
-                 shared_memory: bool = False, reducer=None, overlap: bool = False, shard: bool = False):
+                 shared_memory: bool = False, reducer=None, overlap: bool = False, shard: bool = False,
+                 poll_s: float | None = None):
         self.comm = comm
         self.reducer = reducer
         self.overlap = overlap and reducer is not None
         self.shard = shard
+        self.poll_s = poll_s  # the comm thread's waits: test-and-sleep period (None: MPI's busy Wait)
         self.device = torch.device(device)
         params = [(n, p) for n, p in named_params if p.requires_grad]
         if not params:
@@ -251,6 +256,7 @@ class GradBuffer:
 
     def _comm_loop(self) -> None:
         """The communication thread: reduce buckets in the order they are handed out, forever."""
+        p2p.poll_politely(self.poll_s)  # leave the cores to backward while waiting on peers
         while True:
             item = self._work.get()
             if item is None:
