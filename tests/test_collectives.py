@@ -267,8 +267,10 @@ def test_bad_arguments_raise_value_error():
         collectives.allreduce(buf, op="max")
     with pytest.raises(ValueError, match="1-D contiguous"):
         collectives.allreduce(torch.ones(2, 2))
-    with pytest.raises(ValueError, match="algorithm 'rhd'"):
-        collectives.reduce_scatter(buf, algorithm="rhd")
+    with pytest.raises(ValueError, match="algorithm 'tree'"):  # tree has no halves
+        collectives.reduce_scatter(buf, algorithm="tree")
+    with pytest.raises(ValueError, match="algorithm 'tree'"):
+        collectives.allgather(buf, algorithm="tree")
 
 
 @pytest.mark.parametrize("p", range(1, 18))

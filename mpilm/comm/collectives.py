@@ -4,9 +4,11 @@ Public API (kept stable; grad sync, ZeRO-1 and the benchmarks call it):
     allreduce(buf, comm=None, algorithm="auto", op="avg") -> buf
     reduce_scatter(buf, comm=None, op="avg", algorithm="ring") -> this rank's reduced slice (a view)
     allgather(buf, comm=None, algorithm="ring") -> buf, every slice filled from its owner
+        (the halves take ring, rhd, shm, hier, mpi or auto: ``REDUCE_SCATTER_ALGORITHMS``)
     shard_bounds(n, p, r) -> (start, stop) of rank r's slice: the one definition of ownership
-    describe_auto(sizes_bytes, comm=None, dtype=torch.float32, device=None) -> [(size, algorithm), ...]
-    algorithm_that_runs(name, device, comm=None) -> what ``allreduce(..., name)`` really runs, in words
+    describe_auto(sizes_bytes, comm=None, dtype=torch.float32, device=None, halves=False) -> [(size, algorithm), ...]
+    algorithm_that_runs(name, device, comm=None, halves=False) -> what ``allreduce(..., name)``
+        (``halves``: the reduce-scatter / allgather) really runs, in words
     prepare(comm=None): the collective first-use set-up, done up front (before a comm thread starts)
     ALGORITHMS, REDUCE_SCATTER_ALGORITHMS: the names ``allreduce`` / the halves accept
 
@@ -57,6 +59,28 @@ _RUN = {
     STAGED_MPI: lambda buf, comm, op: staging.allreduce_staged(buf, comm, "mpi", op),
 }
 
+# runner name -> reduce_scatter(buf, comm, op) -> this rank's shard_bounds slice (a view)
+_REDUCE_SCATTER = {
+    "ring": ring.reduce_scatter,
+    "rhd": rhd.reduce_scatter,
+    "shm": shm.reduce_scatter,
+    "hier": hier.reduce_scatter,
+    "mpi": mpi.reduce_scatter,
+    STAGED_RING: lambda buf, comm, op: staging.reduce_scatter_staged(buf, comm, ring.reduce_scatter, op),
+    STAGED_MPI: lambda buf, comm, op: staging.reduce_scatter_staged(buf, comm, mpi.reduce_scatter, op),
+}
+
+# runner name -> allgather(buf, comm) -> buf
+_ALLGATHER = {
+    "ring": ring.allgather,
+    "rhd": rhd.allgather,
+    "shm": shm.allgather,
+    "hier": hier.allgather,
+    "mpi": mpi.allgather,
+    STAGED_RING: lambda buf, comm: staging.allgather_staged(buf, comm, ring.allgather),
+    STAGED_MPI: lambda buf, comm: staging.allgather_staged(buf, comm, mpi.allgather),
+}
+
 
 def _route(algorithm: str, on_cuda: bool) -> str:
     """The runner for ``algorithm`` (``auto`` included, unresolved) on a call that moves data.
@@ -72,14 +96,18 @@ def _route(algorithm: str, on_cuda: bool) -> str:
 
 
 def _runner(algorithm: str, nbytes: int, dtype: torch.dtype, on_cuda: bool, comm: MPI.Comm,
-            tuning_file=None) -> str:
-    """What ``allreduce`` runs for a message of ``nbytes`` (> 0) on ``comm`` (> 1 rank): a key of
-    ``_RUN``. The one decision: the dispatch, ``describe_auto`` and ``algorithm_that_runs`` use it."""
+            tuning_file=None, halves: bool = False) -> str:
+    """What ``allreduce`` (``halves``: ``reduce_scatter`` / ``allgather``) runs for a message of
+    ``nbytes`` (> 0) on ``comm`` (> 1 rank): a key of ``_RUN`` (of ``_REDUCE_SCATTER`` and
+    ``_ALLGATHER``). The one decision: the dispatch, ``describe_auto`` and ``algorithm_that_runs``
+    use it. The halves differ only in how ``auto`` picks (``tuning.choose_halves``: a pick with
+    no halves, ``tree``, becomes ``rhd`` or ``ring``); the routes of CUDA buffers are the same."""
+    choose = tuning.choose_halves if halves else tuning.choose
     if not on_cuda:  # the hot path: host buffers run what was asked (auto: what it picks)
-        return tuning.choose(nbytes, comm, dtype, tuning_file) if algorithm == "auto" else algorithm
+        return choose(nbytes, comm, dtype, tuning_file) if algorithm == "auto" else algorithm
     runner = _route(algorithm, True)
     if runner == "auto":
-        runner = _route(tuning.choose(nbytes, comm, dtype, tuning_file), True)
+        runner = _route(choose(nbytes, comm, dtype, tuning_file), True)
     return runner
 
 
@@ -97,27 +125,35 @@ def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "a
                    algorithm: str = "ring") -> torch.Tensor:
     """Reduce ``buf`` so that this rank's ``shard_bounds`` slice holds the result; returns that view.
 
-    The rest of ``buf`` is left holding partial sums (overwritten by a following ``allgather``).
-    ``algorithm``: ``ring`` (mpilm's pipelined ring) or ``mpi`` (``MPI_Reduce_scatter``).
+    The rest of ``buf`` is left holding partial sums or inputs (overwritten by a following
+    ``allgather``). ``algorithm``: one of ``REDUCE_SCATTER_ALGORITHMS``: ``ring``, ``rhd``
+    (recursive halving), ``shm`` (one node), ``hier`` (shm inside nodes + ring across), ``mpi``
+    (``MPI_Reduce_scatter``) or ``auto`` (by the allreduce rules, ``tuning.choose_halves``).
+    CUDA buffers take the same routes as ``allreduce`` (``_route``): with a CUDA-aware MPI,
+    ring/rhd/mpi on device pointers and the ring for shm/hier; otherwise through host memory
+    (``staging.reduce_scatter_staged``: the host ring, or the library's for ``mpi``).
     """
     comm = comm or world.WORLD
     common.check(buf, "reduce_scatter", op, algorithm, REDUCE_SCATTER_ALGORITHMS)
-    if algorithm == "mpi":
-        return mpi.reduce_scatter(buf, comm, op)
     p = comm.Get_size()
-    lo, hi = shard_bounds(buf.numel(), p, comm.Get_rank())
-    ring.reduce_scatter_sum(buf, comm)  # nothing to do on one rank or an empty buffer
-    return common.finish(buf[lo:hi], p, op)
+    if p == 1 or buf.numel() == 0:
+        lo, hi = shard_bounds(buf.numel(), p, comm.Get_rank())
+        return common.finish(buf[lo:hi], p, op)
+    runner = _runner(algorithm, buf.nbytes, buf.dtype, buf.is_cuda, comm, halves=True)
+    return _REDUCE_SCATTER[runner](buf, comm, op)
 
 
 def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm: str = "ring") -> torch.Tensor:
-    """Fill every rank's ``shard_bounds`` slice of ``buf`` from that rank, in place; returns ``buf``."""
+    """Fill every rank's ``shard_bounds`` slice of ``buf`` from that rank, in place; returns ``buf``.
+
+    ``algorithm`` and the routes of CUDA buffers as for ``reduce_scatter`` (``auto`` decides by the
+    size of the whole buffer, so a reduce-scatter and the allgather after it pick alike).
+    """
     comm = comm or world.WORLD
     common.check(buf, "allgather", "sum", algorithm, REDUCE_SCATTER_ALGORITHMS)
-    if algorithm == "mpi":
-        return mpi.allgather(buf, comm)
-    ring.allgather(buf, comm)  # nothing to do on one rank or an empty buffer
-    return buf
+    if comm.Get_size() == 1 or buf.numel() == 0:
+        return buf
+    return _ALLGATHER[_runner(algorithm, buf.nbytes, buf.dtype, buf.is_cuda, comm, halves=True)](buf, comm)
 
 
 def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
@@ -135,27 +171,28 @@ def prepare(comm: MPI.Comm | None = None, tuning_file=None) -> None:
 
 
 def describe_auto(sizes_bytes, comm: MPI.Comm | None = None, dtype: torch.dtype = torch.float32,
-                  tuning_file=None, device=None) -> list[tuple[int, str]]:
+                  tuning_file=None, device=None, halves: bool = False) -> list[tuple[int, str]]:
     """What ``algorithm="auto"`` runs for each message size (bytes) of ``dtype`` on ``comm``.
 
     Returns ``[(size_bytes, algorithm), ...]``; ``"none"`` where nothing moves (one rank, or an
     empty message). With ``device`` (of the buffers), the names say what really runs there:
     ``"ring"`` where ``auto`` picks ``shm`` for CUDA buffers, ``"staged ring"`` (or ``"staged
-    mpi"``) when MPI is not CUDA-aware. Collective on first use per communicator (it loads and
+    mpi"``) when MPI is not CUDA-aware. ``halves``: what ``reduce_scatter`` / ``allgather`` with
+    ``auto`` run instead (never ``tree``). Collective on first use per communicator (it loads and
     broadcasts the tuning table), so call it on every rank.
     """
     comm = comm or world.WORLD
     if comm.Get_size() == 1:
         return [(int(s), "none") for s in sizes_bytes]
     on_cuda = device is not None and torch.device(device).type == "cuda"
-    return [(int(s), _runner("auto", int(s), dtype, on_cuda, comm, tuning_file) if s > 0 else "none")
+    return [(int(s), _runner("auto", int(s), dtype, on_cuda, comm, tuning_file, halves) if s > 0 else "none")
             for s in sizes_bytes]
 
 
 _NOT_CUDA_AWARE = "staged through host memory: MPI is not CUDA-aware"
 
 
-def algorithm_that_runs(name: str, device, comm: MPI.Comm | None = None) -> str:
+def algorithm_that_runs(name: str, device, comm: MPI.Comm | None = None, halves: bool = False) -> str:
     """What ``allreduce(buf, comm, name)`` really runs for non-empty buffers on ``device``, in words.
 
     ``"ring"``, ``"shm"``... when the name runs as asked; ``"ring (shm has no GPU path: CUDA
@@ -164,9 +201,12 @@ def algorithm_that_runs(name: str, device, comm: MPI.Comm | None = None) -> str:
     through host memory: ...)"``; ``"none (one rank: nothing to exchange)"``. ``"auto"`` stays
     ``"auto"`` where it chooses per message size: ``describe_auto(sizes, comm, device=device)``
     says what it picks. Decided by the dispatcher's own code (``_route``); not collective.
+    ``halves``: the same for ``reduce_scatter`` / ``allgather`` (names from
+    ``REDUCE_SCATTER_ALGORITHMS``; the routes are the same).
     """
-    if name not in ALGORITHMS:
-        raise ValueError(f"algorithm_that_runs: algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
+    choices = REDUCE_SCATTER_ALGORITHMS if halves else ALGORITHMS
+    if name not in choices:
+        raise ValueError(f"algorithm_that_runs: algorithm {name!r}: expected one of {', '.join(choices)}")
     comm = comm or world.WORLD
     if comm.Get_size() == 1:
         return "none (one rank: nothing to exchange)"

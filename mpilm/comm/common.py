@@ -33,7 +33,8 @@ import torch
 
 ALGORITHMS = ("ring", "rhd", "tree", "shm", "hier", "mpi", "auto")
 CHOOSABLE = tuple(name for name in ALGORITHMS if name != "auto")  # what a tuning file may name
-REDUCE_SCATTER_ALGORITHMS = ("ring", "mpi")  # both give rank r the shard_bounds slice r
+# the halves (reduce_scatter / allgather): every one gives rank r the shard_bounds slice r
+REDUCE_SCATTER_ALGORITHMS = ("ring", "rhd", "shm", "hier", "mpi", "auto")
 HOST_ONLY = ("shm", "hier")  # no device path (no CUDA IPC): CUDA buffers take the ring
 OPS = ("sum", "avg")
 

@@ -31,6 +31,12 @@ Limits: host memory (CUDA tensors raise ValueError here; ``collectives.allreduce
 CUDA-aware); the same length and dtype on every rank, as for any allreduce. Communicators are
 created collectively on first use per (communicator, node layout) and cached.
 
+Halves (``reduce_scatter`` / ``allgather``, for ZeRO-1): rank r owns ``shard_bounds(n, p, r)``
+as with every other algorithm. Two-level (shm inside nodes, ring across) when the nodes are
+equal and hold consecutive ranks in node order; any other layout runs the plain ring, since the
+two levels' slices would not line up with the global ``shard_bounds`` order (see
+``reduce_scatter``).
+
 Imports: ``shm`` (public API only), ``ring``, ``rhd``, ``common``, ``world``; nothing above.
 """
 
@@ -67,6 +73,11 @@ class _Layout:
         self.nodes = len(leaders)
         node_index = leaders.index(int(leader[0]))
         self.slices = int(every[1::2].max())  # L: the largest node's rank count
+        # the halves' two-level path needs equal nodes holding consecutive ranks, in node order
+        sizes = every[1::2]
+        here = int(comm.Get_rank() == node_index * k + i and (sizes == k).all())
+        self.node_major = bool(comm.allreduce(here, op=MPI.MIN))  # cold path: pickle is fine
+        self._pieces: dict[tuple, tuple] = {}
         # node rank q owns slices shard_bounds(L, k, q): a contiguous run, >= 1 slice each
         self.owned = [shard_bounds(self.slices, k, q) for q in range(k)]
         self.slice_comms: dict[int, MPI.Comm] = {}
@@ -89,6 +100,34 @@ class _Layout:
 
     def slice_range(self, n: int, first: int, stop: int) -> tuple[int, int]:
         return shard_bounds(n, self.slices, first)[0], shard_bounds(n, self.slices, stop - 1)[1]
+
+    def pieces(self, n: int, local: int) -> tuple:
+        """The halves' plan on a node-major layout (N nodes of k ranks, rank = node * k + local):
+        ``(per_node, across)``. ``per_node[q] = ((lo, hi), split)``: node q's ranks' slices
+        ``[lo, hi)`` and, relative to lo, node rank i's part (the ``shard_bounds`` slice of rank
+        q k + i); ``across[q]``: the slice of rank q k + local (what slice communicator ``local``,
+        ordered by node, reduce-scatters / allgathers)."""
+        key = (n, local)
+        cached = self._pieces.get(key)
+        if cached is None:
+            if len(self._pieces) >= 256:
+                self._pieces.clear()
+            k, p = self.slices, self.size
+            per_node = []
+            for q in range(self.nodes):
+                lo, hi = shard_bounds(n, p, q * k)[0], shard_bounds(n, p, q * k + k - 1)[1]
+                parts = _Split(tuple((a - lo, b - lo) for a, b in (shard_bounds(n, p, q * k + i) for i in range(k))))
+                per_node.append(((lo, hi), parts))
+            across = tuple(shard_bounds(n, p, q * k + local) for q in range(self.nodes))
+            cached = self._pieces[key] = (tuple(per_node), across)
+        return cached
+
+
+class _Split(tuple):
+    """A fixed split for ``shm``'s ``*_split`` calls: the same regions whatever n (hashable)."""
+
+    def bounds(self, n: int) -> tuple:
+        return self
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,3 +172,64 @@ def allreduce(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") 
 
     # alone on my node, my buffer is the node's partial sum: allreduce_split runs across_nodes(buf)
     return shm.allreduce_split(buf, layout.node, layout, across_nodes)
+
+
+# ---------------------------------------------------------------- the halves (ZeRO-1)
+def reduce_scatter(buf: torch.Tensor, comm: MPI.Comm | None = None, op: str = "avg") -> torch.Tensor:
+    """Reduce ``buf`` over ``comm`` so that rank r's ``shard_bounds(n, p, r)`` slice holds the
+    result; returns that view (the rest holds partial sums or inputs).
+
+    One node: ``shm.reduce_scatter``. Several nodes of k ranks each, ranks numbered node by node
+    (rank = node * k + local, what ``mpirun`` places by default): for every node q, an ``shm``
+    reduce-scatter of node q's ranks' slices, so that local rank i holds its node's partial sum
+    of the slice of rank q k + i for every q; then the ranks with local index i (one per node)
+    ring-reduce-scatter those N slices across nodes, rank (node j, local i) keeping the slice of
+    rank j k + i: its own. So each element crosses the network once per node, not once per rank,
+    and the N shm calls cost N x a few syncs. Other layouts (uneven nodes, ranks not node by
+    node) give no such match between the two levels: they run ``ring.reduce_scatter`` over
+    ``comm`` (correct, not node-aware). Host tensors only (CUDA: see ``collectives``).
+    """
+    shm.check(buf, op, "hier.reduce_scatter")
+    comm = comm or world.WORLD
+    p, n = comm.Get_size(), buf.numel()
+    lo, hi = shard_bounds(n, p, comm.Get_rank())
+    if p == 1 or n == 0:
+        return common.finish(buf[lo:hi], p, op)
+    layout = _layout(comm)
+    if layout.nodes == 1:
+        return shm.reduce_scatter(buf, comm, op)
+    if not layout.node_major:
+        return ring.reduce_scatter(buf, comm, op)
+    local = layout.node.Get_rank()
+    per_node, across = layout.pieces(n, local)
+    if layout.node.Get_size() > 1:
+        for (g_lo, g_hi), split in per_node:  # every node rank walks the nodes in the same order
+            if g_hi > g_lo:
+                shm.reduce_scatter_split(buf[g_lo:g_hi], layout.node, split)  # blocks on the node
+    ring.reduce_scatter_sum(buf, layout.slice_comms[local], chunks=across)  # blocks on the other nodes
+    return common.finish(buf[lo:hi], p, op)
+
+
+def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
+    """Fill every rank's ``shard_bounds(n, p, r)`` slice of ``buf`` from rank r, in place;
+    returns ``buf``. The reverse of ``reduce_scatter``: one node, ``shm.allgather``; node-major
+    equal nodes, a ring allgather across nodes among the ranks with the same local index, then
+    one ``shm`` allgather per node's slices; other layouts ``ring.allgather`` over ``comm``."""
+    shm.check(buf, "sum", "hier.allgather")
+    comm = comm or world.WORLD
+    p, n = comm.Get_size(), buf.numel()
+    if p == 1 or n == 0:
+        return buf
+    layout = _layout(comm)
+    if layout.nodes == 1:
+        return shm.allgather(buf, comm)
+    if not layout.node_major:
+        return ring.allgather(buf, comm)
+    local = layout.node.Get_rank()
+    per_node, across = layout.pieces(n, local)
+    ring.allgather(buf, layout.slice_comms[local], chunks=across)  # blocks on the other nodes
+    if layout.node.Get_size() > 1:
+        for (g_lo, g_hi), split in per_node:
+            if g_hi > g_lo:
+                shm.allgather_split(buf[g_lo:g_hi], layout.node, split)  # blocks on the node
+    return buf

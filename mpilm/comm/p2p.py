@@ -11,7 +11,8 @@ What it does:
 - ``scratch(like, n, slot)``: segment-sized receive buffers (``common.scratch``) with their
   ``Wire``, cached per (thread, device, dtype, slot, size), so hot paths neither allocate nor
   re-derive buffer specs.
-- ``send_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range sent as segments,
+- ``send_segments`` / ``recv_segments`` / ``recv_reduce_segments`` / ``exchange_reduce``: a range
+  sent as segments, received as segments straight into place,
   and a range received segment by segment into a small window of scratch buffers and added into
   its destination while the next segments are still in flight.
 - ``exchange``: a swap of two disjoint ranges with a peer, received straight into place, cut into
@@ -179,6 +180,12 @@ def device_sync(t: torch.Tensor) -> None:
 def send_segments(comm: MPI.Comm, peer: int, wire: Wire, lo: int, hi: int, seg: int, tag: int) -> list:
     """Post nonblocking sends of ``[lo, hi)`` cut by ``segments``; the caller waits the requests."""
     return [comm.Isend(wire.seg(a, b), peer, tag) for a, b in segments(lo, hi, seg)]
+
+
+def recv_segments(comm: MPI.Comm, peer: int, wire: Wire, lo: int, hi: int, seg: int, tag: int) -> list:
+    """Post nonblocking receives of ``[lo, hi)`` straight into place, cut as ``send_segments`` cuts
+    them; the caller waits the requests."""
+    return [comm.Irecv(wire.seg(a, b), peer, tag) for a, b in segments(lo, hi, seg)]
 
 
 def recv_reduce_segments(comm: MPI.Comm, peer: int, t: torch.Tensor, lo: int, hi: int, seg: int, tag: int) -> int:

@@ -46,37 +46,54 @@ class _Plan:
 
     __slots__ = ("p", "r", "right", "left", "seg", "wire", "chunk", "widest", "whole_chunks")
 
-    def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None):
+    def __init__(self, t: torch.Tensor, g: p2p.Group, segment_bytes: int | None, chunks=None):
         self.p, self.r = g.size, g.rank
         self.right, self.left = (self.r + 1) % self.p, (self.r - 1) % self.p
         self.seg = common.segment_elems(t.element_size(), segment_bytes)
         self.wire = p2p.Wire(t)
         n = t.numel()
-        self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]
-        self.widest = -(-n // self.p)
+        if chunks is None:
+            self.chunk = [shard_bounds(n, self.p, c) for c in range(self.p)]
+            self.widest = -(-n // self.p)
+        else:  # rank c owns t[chunks[c]]: disjoint ranges, not necessarily adjacent (hier's halves)
+            self.chunk = list(chunks)
+            self.widest = max(hi - lo for lo, hi in self.chunk)
         # every chunk is one message: nothing to pipeline, so take the low-overhead path
         self.whole_chunks = self.widest <= self.seg
 
 
-def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
+def reduce_scatter_sum(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None,
+                       chunks=None) -> None:
     """Sum ``t`` over ``comm`` so that rank r's ``shard_bounds`` slice holds the total (in place).
 
-    The other slices are left holding partial sums.
+    The other slices are left holding partial sums. ``chunks``: rank c owns ``t[chunks[c][0]:
+    chunks[c][1]]`` instead (one disjoint range per rank, the same list on every rank).
     """
     g = p2p.group(comm)
     if g.size == 1 or t.numel() == 0:
         return
-    sent, received = _reduce_scatter(t, g.comm, _Plan(t, g, segment_bytes))
+    sent, received = _reduce_scatter(t, g.comm, _Plan(t, g, segment_bytes, chunks))
     world.traffic.add(sent=sent, received=received)
 
 
-def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None) -> None:
-    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r), in place."""
+def reduce_scatter(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:
+    """Ring reduce-scatter onto this rank's ``shard_bounds`` slice; returns that view of ``t``."""
+    common.check_op(op, "ring.reduce_scatter")
+    p, r = comm.Get_size(), comm.Get_rank()
+    lo, hi = shard_bounds(t.numel(), p, r)
+    reduce_scatter_sum(t, comm, segment_bytes)  # nothing to do on one rank or an empty buffer
+    return common.finish(t[lo:hi], p, op)
+
+
+def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None, chunks=None) -> torch.Tensor:
+    """Fill every slice of ``t`` from its owner (rank r owns ``shard_bounds`` slice r, or
+    ``chunks[r]`` when given), in place; returns ``t``."""
     g = p2p.group(comm)
     if g.size == 1 or t.numel() == 0:
-        return
-    sent, received = _allgather(t, g.comm, _Plan(t, g, segment_bytes))
+        return t
+    sent, received = _allgather(t, g.comm, _Plan(t, g, segment_bytes, chunks))
     world.traffic.add(sent=sent, received=received)
+    return t
 
 
 def allreduce(t: torch.Tensor, comm: MPI.Comm, op: str = "avg", segment_bytes: int | None = None) -> torch.Tensor:

@@ -738,6 +738,25 @@ def allgather(buf: torch.Tensor, comm: MPI.Comm | None = None) -> torch.Tensor:
     return buf
 
 
+def reduce_scatter_split(buf: torch.Tensor, node: MPI.Comm, split) -> torch.Tensor:
+    """Sum ``buf`` over the ranks of ``node`` so that node rank i's region ``split.bounds(n)[i]``
+    holds the node's sum (no divide); the rest keeps its input. In place, returns ``buf``.
+    Collective over ``node``; ``split`` as for ``allreduce_split``. ``hier``'s first half."""
+    check(buf, "sum", "reduce_scatter_split")
+    if node.Get_size() > 1 and buf.numel() > 0:
+        _group(node).run(buf, "reduce_scatter", split, 1)
+    return buf
+
+
+def allgather_split(buf: torch.Tensor, node: MPI.Comm, split) -> torch.Tensor:
+    """Fill node rank i's region ``split.bounds(n)[i]`` of ``buf`` on every rank of ``node``
+    from rank i, in place; returns ``buf``. Collective over ``node``. ``hier``'s second half."""
+    check(buf, "sum", "allgather_split")
+    if node.Get_size() > 1 and buf.numel() > 0:
+        _group(node).run(buf, "allgather", split, 1)
+    return buf
+
+
 def implementation(comm: MPI.Comm | None = None) -> str:
     """Which code runs the allreduces on ``comm``'s node, in one line for banners. Collective on
     first use per node (it sets up the node group, building the C++ kernels if need be)."""

@@ -27,6 +27,10 @@ The call blocks until ``buf`` holds the result (the host buffers are reused by t
 Bytes handed to MPI are counted in ``world.traffic``. Host and device scratch buffers are
 ``common.scratch``'s (per thread, device, dtype; grown geometrically); messages travel on the
 communicator's private duplicate (``p2p.private_comm``), as the other algorithms' do.
+The halves (``reduce_scatter_staged`` / ``allgather_staged``, for ZeRO-1) take the simple road:
+the whole buffer (or this rank's slice) to pinned host memory, a host half there (the ring's, or
+the library's for ``mpi``: ``collectives`` passes it in, so this module imports no algorithm),
+the result back; blocking copies, no pipelining.
 ``staged_algorithm(name)`` is the one place that says which staged pipeline a name runs; the
 dispatcher (``collectives``) asks it.
 """
@@ -125,6 +129,38 @@ def allreduce_staged(buf: torch.Tensor, comm: MPI.Comm | None = None, algorithm:
         _staged_library(buf, comm, divisor, seg)
     else:
         _staged_ring(buf, p2p.private_comm(comm), divisor, seg)
+    return buf
+
+
+def reduce_scatter_staged(buf: torch.Tensor, comm: MPI.Comm, host_half, op: str = "avg") -> torch.Tensor:
+    """Reduce-scatter of a device buffer through host memory: ``buf`` is copied whole into a
+    pinned host buffer, ``host_half(host, comm, op)`` (a host reduce-scatter, e.g.
+    ``ring.reduce_scatter``) runs there, and this rank's ``shard_bounds`` slice is copied back;
+    returns that view of ``buf`` (the rest of ``buf`` keeps its input). Not pipelined: two
+    blocking copies around the host collective, which is simple and plainly right."""
+    p, n = comm.Get_size(), buf.numel()
+    lo, hi = shard_bounds(n, p, comm.Get_rank())
+    if p == 1 or n == 0:
+        return common.finish(buf[lo:hi], p, op)
+    host = _scratch("halves", n, buf, pinned=True)
+    host.copy_(buf)  # blocking: after the work that wrote buf (the caller's stream), then synchronised
+    host_half(host, comm, op)  # blocks on every rank
+    buf[lo:hi].copy_(host[lo:hi])  # blocking: host is free for the next call on return
+    return buf[lo:hi]
+
+
+def allgather_staged(buf: torch.Tensor, comm: MPI.Comm, host_half) -> torch.Tensor:
+    """Allgather of a device buffer through host memory: this rank's ``shard_bounds`` slice goes
+    to a pinned host buffer, ``host_half(host, comm)`` (a host allgather) fills the rest there,
+    and the whole buffer is copied back; returns ``buf``. Not pipelined, as ``reduce_scatter_staged``."""
+    p, n = comm.Get_size(), buf.numel()
+    if p == 1 or n == 0:
+        return buf
+    lo, hi = shard_bounds(n, p, comm.Get_rank())
+    host = _scratch("halves", n, buf, pinned=True)
+    host[lo:hi].copy_(buf[lo:hi])  # blocking
+    host_half(host, comm)  # blocks on every rank
+    buf.copy_(host)  # blocking
     return buf
 
 

@@ -15,6 +15,10 @@ MPI attribute); the key uses the largest ranks-per-node of the communicator, whi
 agree on. A missing file means built-ins, silently; an unreadable or malformed one makes rank 0
 warn once on stderr and use built-ins: a tuning file never stops a run.
 
+The halves (``reduce_scatter`` / ``allgather`` with ``auto``) follow the same rules by the size
+of the whole buffer (``choose_halves``): a choice without halves (``tree``) becomes ``rhd`` or
+``ring`` by size (``halves_for``).
+
 Limits: an entry measured for float32 also serves other dtypes by byte size when there is no
 entry for them. The file is read once per communicator: an edit (or a new ``$MPILM_TUNING``)
 takes effect after ``forget()``, which every rank must call at the same point (it re-triggers
@@ -271,6 +275,28 @@ def choose(nbytes: int, comm: MPI.Comm, dtype: torch.dtype = torch.float32, tuni
             _fast.clear()
         _fast[(comm.py2f(), nbytes, dtype)] = algorithm
     return algorithm
+
+
+HALVES = common.REDUCE_SCATTER_ALGORITHMS  # what the halves accept (``auto`` among them)
+HALVES_RHD_UP_TO = 256 * KIB  # ``tree``'s sizes: latency-bound, where rhd's 2 lg p steps win
+
+
+def halves_for(algorithm: str, nbytes: int, world_size: int) -> str:
+    """The algorithm with a reduce-scatter and an allgather half that stands in for an allreduce
+    choice: itself when it has halves, else (``tree``) ``rhd`` on latency-bound messages (up to
+    ``HALVES_RHD_UP_TO``: lg p steps per half against the ring's p-1) and at power-of-two world
+    sizes, ``ring`` for larger messages at other sizes (rhd's fold-in sends them twice more), as
+    ``builtin_rules`` reasons for allreduce."""
+    if algorithm in HALVES:
+        return algorithm
+    power_of_two = world_size & (world_size - 1) == 0
+    return "rhd" if nbytes <= HALVES_RHD_UP_TO or power_of_two else "ring"
+
+
+def choose_halves(nbytes: int, comm: MPI.Comm, dtype: torch.dtype = torch.float32, tuning_file=None) -> str:
+    """What ``auto`` runs for a reduce-scatter or allgather of an ``nbytes`` buffer: the allreduce
+    rules' choice (``choose``), mapped by ``halves_for`` to one that has the halves."""
+    return halves_for(choose(nbytes, comm, dtype, tuning_file), nbytes, comm.Get_size())
 
 
 def rules_from_timings(sizes: list[int], times: dict[str, list[float]]) -> list[list]:
