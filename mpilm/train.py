@@ -203,11 +203,14 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         print(format_table(summary))
         print(format_run_metrics(perf))
         if bucket_rows:
-            print("buckets (ms per step, mean over ranks): " + ", ".join(
-                f"b{r['bucket']} {r['bytes'] / 2**20:.2f} MiB {r['comm_total_s'] * 1e3:.1f} total/"
-                f"{r['exposed_s'] * 1e3:.1f} exposed" for r in bucket_rows))
-        print(f"overlap: {'on' if job.grads.overlap else 'off'} | comm {perf['comm_total_s_per_step'] * 1e3:.1f} ms "
-              f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({hidden:.0%} hidden)")
+            shown = sorted(bucket_rows, key=lambda r: -r["exposed_s"])[:6]  # the ones the step waited on most
+            more = f" (and {len(bucket_rows) - len(shown)} more, in summary.json)" if len(bucket_rows) > len(shown) else ""
+            print(f"buckets, ms per step (total / exposed, mean over ranks), most exposed first: " + ", ".join(
+                f"b{r['bucket']} {r['bytes'] / 2**20:.2f} MiB {r['comm_total_s'] * 1e3:.1f}/"
+                f"{r['exposed_s'] * 1e3:.1f}" for r in shown) + more)
+        if n_ranks > 1:
+            print(f"overlap: {'on' if job.grads.overlap else 'off'} | comm {perf['comm_total_s_per_step'] * 1e3:.1f} ms "
+                  f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({max(0.0, hidden):.0%} hidden)")
         sharded = (f"ZeRO-1 over {n_ranks} ranks; unsharded it would be {_mib(full_state)}" if cfg.zero
                    else "not sharded (--zero 1 would divide it by the ranks)")
         print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")

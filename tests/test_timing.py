@@ -315,6 +315,7 @@ def test_cpu_run_phases_add_up_to_the_step_time(tmp_path):
 
 @pytest.mark.mpi(min_size=2)
 def test_traced_run_merges_every_rank_and_reports_traffic(tmp_path_factory):
+    import mpilm.trace
     from mpilm import train
     comm = MPI.COMM_WORLD
     root = Path(comm.bcast(str(tmp_path_factory.mktemp("traced")) if comm.rank == 0 else None))
@@ -339,8 +340,11 @@ def test_traced_run_merges_every_rank_and_reports_traffic(tmp_path_factory):
         assert {"data", "forward", "backward", "comm", "optimizer"} <= {e["name"] for e in mine}
         buckets = [e for e in mine if e["cat"] == "communication"]
         assert len(buckets) >= 3 * 2, "several buckets per traced step"
-        assert all(set(e["args"]) == {"step", "bucket", "bytes", "algorithm"} and e["args"]["algorithm"] == "ring"
-                   for e in buckets)
+        assert all(set(e["args"]) == {"step", "bucket", "bytes", "algorithm", "compress"}
+                   and e["args"]["algorithm"] == "ring" for e in buckets)
+        # overlap is on: the bucket collectives ran on the communication thread's own lane
+        lanes = mpilm.trace.TRACKS
+        assert {e["tid"] for e in buckets} == {lanes.index(mpilm.trace.COMM_THREAD)}
     labels = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
     assert labels == {f"rank {r}" for r in range(p)}
     written = json.loads((root / "run" / "summary.json").read_text())

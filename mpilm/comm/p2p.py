@@ -37,6 +37,7 @@ second thread (the same rule MPI applies to its own collectives).
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from mpi4py import MPI
@@ -47,6 +48,39 @@ from mpilm.comm.common import segments
 # Receive window: how many segment receives are posted ahead of the one being added. Two is
 # double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
 RECV_WINDOW = 3
+
+# Waiting politely: MPI's own Wait busy-polls, which is right for a thread that has nothing else
+# to do, and wrong for a communication thread that shares its cores with backward: a spinning
+# waiter takes half a core from the computation it is meant to hide behind. A thread that calls
+# ``poll_politely(seconds)`` waits by testing its requests and sleeping ``seconds`` between tests
+# (the kernel keeps sending from the socket buffers meanwhile, and a thread waking from a sleep
+# is scheduled ahead of a busy one, so progress resumes promptly).
+_waiting = threading.local()
+
+
+def poll_politely(seconds: float | None) -> None:
+    """This thread's waits: test-and-sleep every ``seconds`` (None: MPI's own busy Wait)."""
+    _waiting.sleep = seconds
+
+
+def wait(request: MPI.Request) -> None:
+    """``request.Wait()``, or test-and-sleep on a thread that asked to ``poll_politely``."""
+    sleep = getattr(_waiting, "sleep", None)
+    if sleep is None:
+        request.Wait()
+        return
+    while not request.Test():
+        time.sleep(sleep)
+
+
+def waitall(requests: list) -> None:
+    """``MPI.Request.Waitall(requests)``, or test-and-sleep as ``wait``."""
+    sleep = getattr(_waiting, "sleep", None)
+    if sleep is None:
+        MPI.Request.Waitall(requests)
+        return
+    while not MPI.Request.Testall(requests):
+        time.sleep(sleep)
 
 class Group:
     """One communicator as the algorithms see it, computed once and cached on the communicator.
@@ -204,7 +238,7 @@ def recv_reduce_segments(comm: MPI.Comm, peer: int, t: torch.Tensor, lo: int, hi
     whole = len(parts) == 1 and lo == 0 and hi == t.numel()
     for i, (a, b) in enumerate(parts):
         k = i % window
-        reqs[k].Wait()  # blocks on peer: segment i has landed in slot k
+        wait(reqs[k])  # blocks on peer: segment i has landed in slot k
         incoming = slots[k][0]
         (t if whole else t[a:b]).add_(incoming if b - a == width else incoming[: b - a])
         nxt = i + window
@@ -235,7 +269,7 @@ def exchange_reduce(comm: MPI.Comm, peer: int, t: torch.Tensor, wire: Wire,
         return send_n * wire.itemsize, recv_n * wire.itemsize
     sends = send_segments(comm, peer, wire, send[0], send[1], seg, tag)
     received = recv_reduce_segments(comm, peer, t, recv[0], recv[1], seg, tag)
-    MPI.Request.Waitall(sends)  # blocks on peer: our send buffer is reusable once it has taken it all
+    waitall(sends)  # blocks on peer: our send buffer is reusable once it has taken it all
     return (send[1] - send[0]) * wire.itemsize, received
 
 
@@ -255,5 +289,5 @@ def exchange(comm: MPI.Comm, peer: int, wire: Wire, send: tuple[int, int], recv:
     else:
         reqs = [comm.Irecv(wire.seg(a, b), peer, tag) for a, b in segments(recv[0], recv[1], seg)]
         reqs += send_segments(comm, peer, wire, send[0], send[1], seg, tag)
-        MPI.Request.Waitall(reqs)  # blocks on peer: every segment of the swap has landed and left
+        waitall(reqs)  # blocks on peer: every segment of the swap has landed and left
     return send_n * wire.itemsize, recv_n * wire.itemsize

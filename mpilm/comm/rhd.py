@@ -107,7 +107,7 @@ def _fold(c: _Call) -> None:
     if g.rank >= 2 * g.rem:
         return
     if g.newrank < 0:
-        MPI.Request.Waitall(p2p.send_segments(c.comm, g.rank + 1, c.wire, 0, n, c.seg, _TAG_FOLD))  # blocks on r+1
+        p2p.waitall(p2p.send_segments(c.comm, g.rank + 1, c.wire, 0, n, c.seg, _TAG_FOLD))  # blocks on r+1
         c.count((n * c.wire.itemsize, 0))
     else:
         c.count((0, p2p.recv_reduce_segments(c.comm, g.rank - 1, c.t, 0, n, c.seg, _TAG_FOLD)))
@@ -161,10 +161,10 @@ def _to_folded_out(c: _Call, ranges, tag: int) -> None:
             c.count((_nbytes(c, ranges), 0))
         return
     if g.newrank < 0:
-        MPI.Request.Waitall(_recv_ranges(c, peer, ranges, tag))  # blocks on r+1 finishing
+        p2p.waitall(_recv_ranges(c, peer, ranges, tag))  # blocks on r+1 finishing
         c.count((0, _nbytes(c, ranges)))
     else:
-        MPI.Request.Waitall(_send_ranges(c, peer, ranges, tag))  # blocks until r-1 has taken it
+        p2p.waitall(_send_ranges(c, peer, ranges, tag))  # blocks until r-1 has taken it
         c.count((_nbytes(c, ranges), 0))
 
 
@@ -223,10 +223,10 @@ def allgather(t: torch.Tensor, comm: MPI.Comm, segment_bytes: int | None = None)
     if g.rank < 2 * g.rem:  # the folded-out rank's slice goes to its proxy first
         pair = (_pair_slice(c),)
         if g.newrank < 0:
-            MPI.Request.Waitall(_send_ranges(c, g.rank + 1, pair, _TAG_GATHER_IN))  # blocks on r+1 taking it
+            p2p.waitall(_send_ranges(c, g.rank + 1, pair, _TAG_GATHER_IN))  # blocks on r+1 taking it
             c.count((_nbytes(c, pair), 0))
         else:
-            MPI.Request.Waitall(_recv_ranges(c, g.rank - 1, pair, _TAG_GATHER_IN))  # blocks on r-1
+            p2p.waitall(_recv_ranges(c, g.rank - 1, pair, _TAG_GATHER_IN))  # blocks on r-1
             c.count((0, _nbytes(c, pair)))
     if g.newrank >= 0:
         _doubling(c)

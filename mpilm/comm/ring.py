@@ -129,7 +129,7 @@ def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, 
                  for k, (_, a, b) in enumerate(units[:window])]
         for i, (s, a, b) in enumerate(units):
             k = i % window
-            recvs[k].Wait()  # blocks on the left neighbour: segment i is in slot k
+            p2p.wait(recvs[k])  # blocks on the left neighbour: segment i is in slot k
             incoming = slots[k][0]
             t[a:b].add_(incoming if b - a == width else incoming[: b - a])
             received += (b - a) * wire.itemsize
@@ -143,7 +143,7 @@ def _reduce_scatter(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, 
             if nxt < len(units):
                 _, na, nb = units[nxt]
                 recvs[k] = comm.Irecv(slots[k][1].seg(0, nb - na), left, _TAG_REDUCE_SCATTER)
-    MPI.Request.Waitall(sends)  # blocks on the right neighbour: it has taken every segment we sent
+    p2p.waitall(sends)  # blocks on the right neighbour: it has taken every segment we sent
     return sent, received
 
 
@@ -163,11 +163,11 @@ def _allgather(t: torch.Tensor, comm: MPI.Comm, plan: _Plan) -> tuple[int, int]:
     forwarded = sum(1 for s, _, _ in units if s < p - 2)
     for i in range(forwarded):
         _, a, b = units[i]
-        recvs[i].Wait()  # blocks on the left neighbour: segment i is in place
+        p2p.wait(recvs[i])  # blocks on the left neighbour: segment i is in place
         sends.append(comm.Isend(wire.seg(a, b), right, _TAG_ALLGATHER))
         sent += (b - a) * wire.itemsize
     # blocks on both neighbours: the last step has landed and the right one took all we sent
-    MPI.Request.Waitall(recvs[forwarded:] + sends)
+    p2p.waitall(recvs[forwarded:] + sends)
     received = sum(b - a for _, a, b in units) * wire.itemsize
     return sent, received
 
