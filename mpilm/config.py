@@ -34,7 +34,7 @@ ZERO_STAGES = (0, 1)
 # algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
-BUCKET_MB_DEFAULT = 4.0
+BUCKET_MB_DEFAULT = 1.0
 COMM_POLL_US_DEFAULT = 100.0
 
 
@@ -94,6 +94,9 @@ class TrainConfig:
     comm_poll_us: float = opt(COMM_POLL_US_DEFAULT, "with --overlap: the communication thread waits on its peers by testing "
                                                     "every N microseconds and sleeping in between, leaving the cores to "
                                                     "backward (0: MPI's own busy-polling wait)", check=non_negative)
+    comm_priority: int = opt(10, "with --overlap: run the communication thread this many nice levels ahead of the "
+                                 "compute thread (raised if permitted, else the compute thread is lowered; 0: equal)",
+                             check=lambda v: None if 0 <= v <= 19 else "must be in [0, 19]")
     zero: int = opt(0, "ZeRO stage: 1 shards the optimizer state over the ranks (reduce-scatter the gradients, "
                        "step this rank's shard, allgather the parameters)", choices=ZERO_STAGES)
     # gradient compression

@@ -232,7 +232,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, grad_comm, device,
                        shared_memory=cfg.allreduce in ("shm", "hier", "auto"), reducer=compressor,
                        overlap=cfg.overlap, shard=cfg.zero == 1,
-                       poll_s=cfg.comm_poll_us * 1e-6 if cfg.comm_poll_us > 0 else None)  # SYNC: map check
+                       poll_s=cfg.comm_poll_us * 1e-6 if cfg.comm_poll_us > 0 else None,
+                       priority_levels=cfg.comm_priority)  # SYNC: map check
     # with DGC momentum correction the compressor applies the momentum: SGD must not apply it twice
     momentum = 0.0 if cfg.momentum_correction else cfg.momentum
     if cfg.zero:

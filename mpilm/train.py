@@ -77,6 +77,9 @@ def _train(job: Run, t_build: float) -> dict | None:
               f"{len(grads.buckets)} gradient bucket(s) of up to {max(sizes) / 2**20:.2f} MiB | "
               f"allreduce {runs} | overlap {'on (communication thread)' if grads.overlap else 'off'}"
               f"{' | ZeRO-1' if cfg.zero else ''}")
+        if grads.overlap:
+            print(f"communication thread: {grads.priority}; waits by polling every {cfg.comm_poll_us:g} us"
+                  if cfg.comm_poll_us > 0 else f"communication thread: {grads.priority}; MPI's busy wait")
         if cfg.compress != "none":
             print(f"compression {job.reducer.describe()}")
         if auto_choice:

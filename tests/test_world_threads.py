@@ -3,6 +3,7 @@ once, and ``require_thread_level`` explains what to do when MPI granted too low 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -67,3 +68,31 @@ def test_traffic_counts_from_many_threads_lose_nothing():
     assert (traffic.sent, traffic.received, traffic.shm_read, traffic.shm_written) == (total, 2 * total, 3 * total, 4 * total)
     traffic.reset()
     assert traffic.snapshot() == dict.fromkeys(world.Traffic.FIELDS, 0)
+
+
+def test_comm_thread_priority_raised_when_permitted_else_main_lowered(monkeypatch):
+    import threading
+
+    calls = []
+    monkeypatch.setattr(world, "_BASE_NICE", {})
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 0)
+    monkeypatch.setattr(os, "setpriority", lambda which, who, value: calls.append((who, value)))
+    me = threading.get_native_id()
+    assert world.prioritize_this_thread(10) == "communication thread raised to nice -10"
+    assert calls == [(me, -10)]
+    assert world.prioritize_this_thread(0).endswith("(--comm-priority 0)") and len(calls) == 1
+
+    def refuse_raising(which, who, value):
+        if value < 0:
+            raise PermissionError(13, "Permission denied")
+        calls.append((who, value))
+
+    calls.clear()
+    monkeypatch.setattr(world, "_BASE_NICE", {})
+    monkeypatch.setattr(os, "setpriority", refuse_raising)
+    worker = {}
+    thread = threading.Thread(target=lambda: worker.setdefault("said", world.prioritize_this_thread(5)))
+    thread.start()
+    thread.join()
+    assert worker["said"].startswith("main (compute) thread lowered to nice 5")
+    assert calls == [(threading.main_thread().native_id, 5)]

@@ -166,3 +166,22 @@ def finish(t: torch.Tensor, p: int, op: str) -> torch.Tensor:
         else:
             t.div_(p)
     return t
+
+
+# Waiting politely: MPI's own Wait busy-polls, which is right for a thread that has nothing else
+# to do, and wrong for a communication thread that shares its cores with backward: a spinning
+# waiter takes half a core from the computation it is meant to hide behind. A thread that calls
+# ``poll_politely(seconds)`` waits by testing its requests (``p2p.wait``) or its peers' flags
+# (``shm``) and sleeping ``seconds`` between tests (the kernel keeps sending from the socket
+# buffers meanwhile, and a thread waking from a sleep is scheduled ahead of a busy one).
+_waiting = threading.local()
+
+
+def poll_politely(seconds: float | None) -> None:
+    """This thread's waits: test-and-sleep every ``seconds`` (None: busy-poll, as MPI does)."""
+    _waiting.sleep = seconds
+
+
+def polite_sleep() -> float | None:
+    """The calling thread's test-and-sleep period, or None when it busy-polls."""
+    return getattr(_waiting, "sleep", None)

@@ -28,8 +28,11 @@ What it does:
 - **ZeRO-1 half.** With ``shard=True`` each bucket is reduce-scattered instead of allreduced:
   rank r's ``shard_bounds`` slice of every bucket holds the average; the rest holds partials.
 - **Polite waiting.** With ``poll_s`` the communication thread waits on its peers by testing and
-  sleeping (``p2p.poll_politely``) instead of MPI's busy Wait, which would take a core from the
+  sleeping (``common.poll_politely``) instead of MPI's busy Wait, which would take a core from the
   backward it hides behind.
+- **Priority.** With ``priority_levels`` the communication thread runs that many nice levels
+  ahead of the compute thread (``world.prioritize_this_thread``), so a wake-up to move the next
+  segment is served at once instead of after backward's time slice.
 - **CUDA.** The communication thread works on its own stream; each bucket's reduction waits on
   an event recorded on the producer stream when the bucket became ready, and ``wait()`` makes the
   caller's stream wait on an event recorded after the reduction: no device-wide synchronize.
@@ -56,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from mpi4py import MPI
 
-from mpilm.comm import p2p, shm, world
+from mpilm.comm import common, shm, world
 from mpilm.comm.collectives import shard_bounds
 from mpilm.comm.compress import BucketTiming
 
@@ -83,12 +86,14 @@ class Bucket:
 class GradBuffer:
     def __init__(self, named_params, bucket_bytes: float, comm: MPI.Comm, device: torch.device | str = "cpu",
                  shared_memory: bool = False, reducer=None, overlap: bool = False, shard: bool = False,
-                 poll_s: float | None = None):
+                 poll_s: float | None = None, priority_levels: int = 0):
         self.comm = comm
         self.reducer = reducer
         self.overlap = overlap and reducer is not None
         self.shard = shard
         self.poll_s = poll_s  # the comm thread's waits: test-and-sleep period (None: MPI's busy Wait)
+        self.priority_levels = priority_levels
+        self.priority = "no communication thread"  # what prioritize_this_thread did, for the banner
         self.device = torch.device(device)
         params = [(n, p) for n, p in named_params if p.requires_grad]
         if not params:
@@ -148,8 +153,10 @@ class GradBuffer:
             self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             self._work: queue.Queue = queue.Queue()
             self._results: queue.Queue = queue.Queue()
-            self._thread = threading.Thread(target=self._comm_loop, name="mpilm-comm", daemon=True)
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._comm_loop, args=(started,), name="mpilm-comm", daemon=True)
             self._thread.start()
+            started.wait()  # its priority is set before any step: the banner can say what it got
 
     def _close(self, bucket: Bucket) -> None:
         bucket.view = self.flat[bucket.dtype][bucket.start:bucket.stop]
@@ -254,9 +261,14 @@ class GradBuffer:
             return self.reducer.reduce_scatter(bucket, step)
         return self.reducer.reduce(bucket, step)
 
-    def _comm_loop(self) -> None:
+    def _comm_loop(self, started: threading.Event) -> None:
         """The communication thread: reduce buckets in the order they are handed out, forever."""
-        p2p.poll_politely(self.poll_s)  # leave the cores to backward while waiting on peers
+        common.poll_politely(self.poll_s)  # leave the cores to backward while waiting on peers
+        try:
+            self.priority = world.prioritize_this_thread(self.priority_levels)  # run when woken, not after a slice
+        except OSError as err:  # e.g. a sandbox without setpriority: run at equal priority, and say so
+            self.priority = f"communication thread at the same priority as compute ({err.strerror})"
+        started.set()
         while True:
             item = self._work.get()
             if item is None:

@@ -49,23 +49,9 @@ from mpilm.comm.common import segments
 # double buffering (add segment k while k+1 arrives); three absorbs jitter in the peer's pace.
 RECV_WINDOW = 3
 
-# Waiting politely: MPI's own Wait busy-polls, which is right for a thread that has nothing else
-# to do, and wrong for a communication thread that shares its cores with backward: a spinning
-# waiter takes half a core from the computation it is meant to hide behind. A thread that calls
-# ``poll_politely(seconds)`` waits by testing its requests and sleeping ``seconds`` between tests
-# (the kernel keeps sending from the socket buffers meanwhile, and a thread waking from a sleep
-# is scheduled ahead of a busy one, so progress resumes promptly).
-_waiting = threading.local()
-
-
-def poll_politely(seconds: float | None) -> None:
-    """This thread's waits: test-and-sleep every ``seconds`` (None: MPI's own busy Wait)."""
-    _waiting.sleep = seconds
-
-
 def wait(request: MPI.Request) -> None:
-    """``request.Wait()``, or test-and-sleep on a thread that asked to ``poll_politely``."""
-    sleep = getattr(_waiting, "sleep", None)
+    """``request.Wait()``, or test-and-sleep on a thread that asked to ``common.poll_politely``."""
+    sleep = common.polite_sleep()
     if sleep is None:
         request.Wait()
         return
@@ -75,7 +61,7 @@ def wait(request: MPI.Request) -> None:
 
 def waitall(requests: list) -> None:
     """``MPI.Request.Waitall(requests)``, or test-and-sleep as ``wait``."""
-    sleep = getattr(_waiting, "sleep", None)
+    sleep = common.polite_sleep()
     if sleep is None:
         MPI.Request.Waitall(requests)
         return

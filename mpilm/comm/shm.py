@@ -219,8 +219,10 @@ class _NodeGroup:
         self.ctx = np.zeros(_CTX_WORDS, dtype=np.int64)
         self.ctx[_CTX_SLOTS] = self.control.base_address(0)
         self.ctx[_CTX_ME], self.ctx[_CTX_RANKS] = self.me, self.p
-        self.ctx[_CTX_BUSY_NS] = int(self.busy_s * 1e9)
-        self.ctx[_CTX_YIELD_NS], self.ctx[_CTX_SLEEP_NS] = int(SPIN_YIELD_S * 1e9), int(SPIN_SLEEP_S * 1e9)
+        self.default_busy_s = self.busy_s
+        self.yield_s, self.sleep_s = SPIN_YIELD_S, SPIN_SLEEP_S
+        self._waiting_as: object = "unset"  # the polite-sleep setting the wait fields were last set for
+        self._wait_like_this_thread()
         self.ctx_address = self.ctx.ctypes.data
         self.bases = np.zeros(0, dtype=np.int64)  # segment addresses by (window row, rank)
         self.scratch: _SharedWindow | None = None
@@ -235,6 +237,21 @@ class _NodeGroup:
         self.native = _native_module(node)  # collective: the C++ path, or None on every rank
 
     # ---------------------------------------------------------------- synchronisation
+    def _wait_like_this_thread(self) -> None:
+        """How this call waits for its peers: busy-poll, yield, sleep as above; or, on a thread that
+        asked to ``common.poll_politely`` (a communication thread sharing cores with backward),
+        test and sleep from the start. Both paths read the same fields (C++: ``ctx``)."""
+        polite = common.polite_sleep()
+        if polite == self._waiting_as:
+            return
+        self._waiting_as = polite
+        if polite is None:
+            self.busy_s, self.yield_s, self.sleep_s = self.default_busy_s, SPIN_YIELD_S, SPIN_SLEEP_S
+        else:
+            self.busy_s, self.yield_s, self.sleep_s = 0.0, 0.0, polite
+        self.ctx[_CTX_BUSY_NS] = int(self.busy_s * 1e9)
+        self.ctx[_CTX_YIELD_NS], self.ctx[_CTX_SLEEP_NS] = int(self.yield_s * 1e9), int(self.sleep_s * 1e9)
+
     def _fence(self) -> None:
         # Win.Sync is MPI's memory barrier for windows in the unified model (all of ours, checked
         # at creation): our stores to shared memory become visible before the counter store, and
@@ -264,10 +281,10 @@ class _NodeGroup:
                 waited = time.perf_counter() - start
                 if waited < self.busy_s:
                     select.select((), (), (), 0)  # releases the GIL, returns at once
-                elif waited < SPIN_YIELD_S:
+                elif waited < self.yield_s:
                     os.sched_yield()  # releases the GIL and the core
                 else:
-                    time.sleep(SPIN_SLEEP_S)
+                    time.sleep(self.sleep_s)
         self._fence()
 
     def publish(self, where: tuple[int, int], signature: int) -> None:
@@ -388,6 +405,7 @@ class _NodeGroup:
         region (a CPU tensor view of ``buf``) before the peers read it: ``hier`` puts its
         inter-node allreduce there.
         """
+        self._wait_like_this_thread()
         n, dtype = buf.numel(), buf.dtype
         shape = self.shapes.get((kind, split, n, dtype))
         if shape is None:
