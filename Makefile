@@ -48,8 +48,10 @@ test-mpi: install
 # the distributed suites again on real emulated nodes (python -m mpilm.cluster: network namespaces,
 # 10gbit links), at 2 nodes x 1 rank and 2 nodes x 2 ranks; needs root, skipped with the reason
 # otherwise; the cluster (named mpilmci) is removed also when a test fails
-MULTINODE_TESTS ?= tests/test_multinode.py tests/test_collectives.py tests/test_compress.py \
-	tests/test_train.py::test_data_parallel_equals_one_process_with_the_global_batch
+MULTINODE_TESTS ?= tests/test_multinode.py tests/test_collectives.py tests/test_halves.py tests/test_compress.py \
+	tests/test_train.py::test_data_parallel_equals_one_process_with_the_global_batch \
+	tests/test_engine.py::test_overlap_on_and_off_give_bit_identical_parameters \
+	tests/test_engine.py::test_zero1_matches_the_unsharded_optimizer
 CLUSTER := env MPILM_CLUSTER=mpilmci $(BIN)/python -m mpilm.cluster
 test-multinode: install
 	@if [ "$$(id -u)" != 0 ]; then echo "== multi-node tests skipped: python -m mpilm.cluster needs root"; exit 0; fi; \

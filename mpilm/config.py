@@ -89,8 +89,10 @@ class TrainConfig:
     allreduce: str = opt("auto", "gradient allreduce algorithm", choices=ALLREDUCE_ALGORITHMS)
     bucket_mb: float = opt(BUCKET_MB_DEFAULT, "gradient bucket size in MiB: a bucket is reduced as soon as backward has "
                                               "filled it (smaller: more overlap, more messages)", check=positive)
-    overlap: bool = opt(True, "reduce each gradient bucket on a communication thread while backward computes the "
-                              "rest (--no-overlap: reduce all buckets after backward, on the main thread)")
+    overlap: bool | None = opt(None, "reduce each gradient bucket on a communication thread while backward computes "
+                                     "the rest (--no-overlap: all buckets after backward, on the main thread). Unset: "
+                                     "on, except on one CPU node where every bucket goes through shared memory (a "
+                                     "memory copy on the same cores: nothing to hide, and the thread costs ~3%%)")
     comm_poll_us: float = opt(COMM_POLL_US_DEFAULT, "with --overlap: the communication thread waits on its peers by testing "
                                                     "every N microseconds and sleeping in between, leaving the cores to "
                                                     "backward (0: MPI's own busy-polling wait)", check=non_negative)

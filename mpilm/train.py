@@ -75,7 +75,7 @@ def _train(job: Run, t_build: float) -> dict | None:
             print(line)
         print(f"model {cfg.model}: {job.model.num_params() / 1e6:.2f}M parameters | "
               f"{len(grads.buckets)} gradient bucket(s) of up to {max(sizes) / 2**20:.2f} MiB | "
-              f"allreduce {runs} | overlap {'on (communication thread)' if grads.overlap else 'off'}"
+              f"allreduce {runs} | overlap {job.overlap_reason}"
               f"{' | ZeRO-1' if cfg.zero else ''}")
         if grads.overlap:
             print(f"communication thread: {grads.priority}; waits by polling every {cfg.comm_poll_us:g} us"

@@ -111,7 +111,7 @@ def test_zero1_with_clipping_uses_the_global_norm():
                                    ["--grad-accum", "2", "--dropout", "0.1"]])
 def test_run_state_dict_round_trips(extra):
     """build, 5 steps, save; fresh build, load, 5 more == 10 steps straight (bit for bit)."""
-    cfg = config.parse([*TINY, "--steps", "10", *extra])
+    cfg = config.parse([*TINY, "--steps", "10", "--overlap", *extra])  # the communication thread runs
     straight = run.build(cfg)
     for _ in range(10):
         straight.step()
@@ -199,4 +199,20 @@ def test_thread_level_too_low_is_a_usage_error(monkeypatch):
 def test_overlap_and_zero_options_parse():
     cfg = config.parse(["--no-overlap", "--zero", "1"])
     assert cfg.overlap is False and cfg.zero == 1
-    assert config.parse([]).overlap is True and dataclasses.asdict(cfg)["zero"] == 1
+    assert config.parse([]).overlap is None and dataclasses.asdict(cfg)["zero"] == 1  # unset: decided by Run
+
+
+@pytest.mark.mpi(min_size=2)
+def test_overlap_unset_is_on_except_for_shared_memory_on_one_cpu_node():
+    from mpilm.comm import world
+
+    one_node = world.local_size() == MPI.COMM_WORLD.size
+    for algorithm, expected in (("ring", True), ("shm", False), ("auto", not one_node)):
+        if algorithm == "shm" and not one_node:
+            continue
+        job = run.build(config.parse([*TINY, "--steps", "1", "--allreduce", algorithm]))
+        assert job.grads.overlap is expected, (algorithm, job.overlap_reason)
+        job.close()
+    forced = run.build(config.parse([*TINY, "--steps", "1", "--allreduce", "auto", "--overlap"]))
+    assert forced.grads.overlap and forced.overlap_reason == "on (--overlap)"
+    forced.close()

@@ -262,7 +262,7 @@ def variant_name(cfg: config.TrainConfig, all_variants: list[config.TrainConfig]
     """``mpilm ring``, plus ``overlap``/``no-overlap`` and ``zero1`` where the variants differ in them."""
     name = f"mpilm {cfg.allreduce}"
     if len({v.overlap for v in all_variants}) > 1:
-        name += " overlap" if cfg.overlap else " no-overlap"
+        name += {True: " overlap", False: " no-overlap", None: " overlap-auto"}[cfg.overlap]
     if len({v.zero for v in all_variants}) > 1 and cfg.zero:
         name += " zero1"
     return name

@@ -89,7 +89,7 @@ class GradBuffer:
                  poll_s: float | None = None, priority_levels: int = 0):
         self.comm = comm
         self.reducer = reducer
-        self.overlap = overlap and reducer is not None
+        self.overlap = False  # until start_overlap() below
         self.shard = shard
         self.poll_s = poll_s  # the comm thread's waits: test-and-sleep period (None: MPI's busy Wait)
         self.priority_levels = priority_levels
@@ -149,14 +149,24 @@ class GradBuffer:
         self._unused_reported = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         self._thread = None
-        if self.overlap:
-            self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-            self._work: queue.Queue = queue.Queue()
-            self._results: queue.Queue = queue.Queue()
-            started = threading.Event()
-            self._thread = threading.Thread(target=self._comm_loop, args=(started,), name="mpilm-comm", daemon=True)
-            self._thread.start()
-            started.wait()  # its priority is set before any step: the banner can say what it got
+        if overlap:
+            self.start_overlap()
+
+    def start_overlap(self) -> None:
+        """Start the communication thread: from now on ready buckets are reduced during backward.
+
+        Call between steps (the caller may first look at the bucket sizes to decide).
+        """
+        if self.overlap or self.reducer is None:
+            return
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._work: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._comm_loop, args=(started,), name="mpilm-comm", daemon=True)
+        self._thread.start()
+        started.wait()  # its priority is set before any step: the banner can say what it got
+        self.overlap = True
 
     def _close(self, bucket: Bucket) -> None:
         bucket.view = self.flat[bucket.dtype][bucket.start:bucket.stop]
