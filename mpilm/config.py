@@ -117,6 +117,13 @@ class TrainConfig:
     sample: int = opt(0, "print N generated characters from rank 0 at the end", check=non_negative)
     out: str | None = opt(None, "output directory (default: runs/<timestamp>)")
     trace: str | None = opt(None, "write a Chrome trace (open in ui.perfetto.dev or chrome://tracing) of every rank's phases and per-bucket collectives to this JSON file")
+    # checkpoints
+    ckpt_every: int = opt(0, "write a checkpoint (every rank's state, in the background) every N steps; 0: none",
+                          check=non_negative)
+    ckpt_dir: str | None = opt(None, "where checkpoints go, one directory step-<N> each (default: <out>/ckpt)")
+    keep_ckpts: int = opt(3, "keep the newest N complete checkpoints (0: keep all)", check=non_negative)
+    resume: str | None = opt(None, "continue from a checkpoint: a step-<N> directory, or auto (the newest complete "
+                                   "one in --ckpt-dir; none there: start from step 0)")
     trace_steps: int = opt(20, "how many steps --trace records, from the first (bounds its memory and file size)", check=positive)
 
     # ---- derived helpers

@@ -28,7 +28,9 @@ import torch
 from mpi4py import MPI
 from tqdm import tqdm
 
+import mpilm
 from mpilm import checkpoint, config, optim
+from mpilm.errors import UsageError
 from mpilm.comm import collectives, shm, world
 from mpilm.metrics import format_run_metrics, run_metrics
 from mpilm.run import Run, build
@@ -55,10 +57,49 @@ def run(argv: list[str] | None = None) -> dict | None:
         job.close()
 
 
+def resume_point(cfg: config.TrainConfig, comm: MPI.Comm) -> Path | None:
+    """The checkpoint ``--resume`` names, verified on every rank (SYNC), or None to start afresh.
+
+    ``auto``: the newest complete checkpoint that every rank verifies; a corrupt one is skipped
+    with a warning. A named directory that fails verification is a usage error.
+    """
+    if cfg.resume is None:
+        return None
+    rank = comm.Get_rank()
+    if cfg.resume != "auto":
+        path = Path(cfg.resume).expanduser()
+        problems = comm.allgather(checkpoint.verify(path, rank) if path.is_dir() else f"{path}: no such checkpoint directory")
+        bad = next((p for p in problems if p), None)
+        if bad:
+            raise UsageError(f"--resume {cfg.resume}: {bad}")
+        return path
+    candidates = checkpoint.complete_checkpoints(ckpt_dir(cfg)) if rank == 0 else None
+    for path in reversed(comm.bcast(candidates, root=0)):  # the same list on every rank: rank 0's view
+        problems = comm.allgather(checkpoint.verify(path, rank))
+        bad = next((p for p in problems if p), None)
+        if bad is None:
+            return path
+        if rank == 0:
+            print(f"warning: --resume auto: {bad}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    return None
+
+
+def ckpt_dir(cfg: config.TrainConfig) -> Path:
+    return Path(cfg.ckpt_dir).expanduser() if cfg.ckpt_dir else Path(cfg.out) / "ckpt"
+
+
 def _train(job: Run, t_build: float) -> dict | None:
     cfg, comm, grads = job.cfg, job.comm, job.grads
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     out = Path(cfg.out)
+    resumed_from = resume_point(cfg, comm)  # SYNC: every rank verifies its own file
+    if resumed_from is not None:
+        state, meta = checkpoint.load_rank(resumed_from, rank)
+        if meta["world_size"] != n_ranks:
+            raise UsageError(f"--resume {resumed_from}: written by {meta['world_size']} ranks, this job has {n_ranks}; "
+                             "resume with the same number of ranks")
+        job.load_state_dict(state)  # before anything else reads the model
+    writer = checkpoint.Writer(ckpt_dir(cfg), comm, cfg.keep_ckpts) if cfg.ckpt_every else None
     # collective on first use (auto may look at the node layout), so every rank asks
     sizes = sorted({b.nbytes for b in grads.buckets})
     auto_choice = collectives.describe_auto(sizes, job.grad_comm) if cfg.allreduce == "auto" else []
@@ -92,11 +133,19 @@ def _train(job: Run, t_build: float) -> dict | None:
               f"({'built' if corpus.built_now else 'reused'}, {t_build:.1f}s to load and build, {cfg.data_io})")
         print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
               f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
-    metrics = open(out / "metrics.jsonl", "w") if rank == 0 else None
+        if resumed_from is not None:
+            print(f"resumed from {resumed_from} at step {job.step_index}")
+        elif cfg.resume == "auto":
+            print(f"--resume auto: no complete checkpoint in {ckpt_dir(cfg)}: starting at step 0")
+        if writer is not None:
+            print(f"checkpoints every {cfg.ckpt_every} steps to {ckpt_dir(cfg)} (keeping {cfg.keep_ckpts or 'all'}), "
+                  "written in the background")
+    # a resumed run continues its metrics file (the lines after the checkpoint's step are dropped)
+    metrics = _open_metrics(out / "metrics.jsonl", job.step_index) if rank == 0 else None
 
     first_val = job.evaluate()
     if rank == 0:
-        print(f"step 0: val loss {first_val:.4f}")
+        print(f"step {job.step_index}: val loss {first_val:.4f}")
     val_loss = first_val
     timer, tracer = job.timer, job.tracer
     bar = tqdm(total=cfg.steps, disable=rank != 0 or not sys.stderr.isatty(), leave=False, unit="step")
@@ -106,6 +155,11 @@ def _train(job: Run, t_build: float) -> dict | None:
     while job.step_index < cfg.steps:
         job.step()
         step = job.step_index
+        if writer is not None:
+            if step % cfg.ckpt_every == 0:
+                writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))  # SYNC: a Barrier
+            else:
+                writer.poll()  # SYNC while a checkpoint is being written: is every rank done?
         bar.update(1)
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
@@ -126,10 +180,30 @@ def _train(job: Run, t_build: float) -> dict | None:
                 bar.write(f"step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
                           f"{val_loss / math.log(2):.3f} bits/byte")
     bar.close()
+    if writer is not None:
+        writer.finish()  # SYNC: the last checkpoint is complete before the run reports
+        if rank == 0 and writer.stalls:
+            print(f"checkpoints: {len(writer.written)} written, the loop stalled {1e3 * max(writer.stalls):.0f} ms "
+                  f"at most ({1e3 * sum(writer.stalls) / len(writer.stalls):.0f} ms mean) per checkpoint; "
+                  f"newest {writer.written[-1]}")
     wall = time.perf_counter() - t_run
     if tracer is not None and tracer.finish(comm, cfg.trace):  # SYNC: gathers every rank's events to rank 0
         print(f"trace of steps 0-{min(cfg.steps, cfg.trace_steps) - 1}: {cfg.trace} (open in ui.perfetto.dev)")
     return _finish(job, first_val, val_loss, wall, metrics)
+
+
+def _open_metrics(path: Path, resumed_step: int):
+    """metrics.jsonl for appending: fresh at step 0, else the lines up to ``resumed_step`` kept."""
+    if resumed_step == 0 or not path.is_file():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resumed_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def _ckpt_meta(cfg: config.TrainConfig, n_ranks: int, step: int) -> dict:
+    return {"step": step, "world_size": n_ranks, "config": cfg.to_dict(), "mpilm": mpilm.__version__,
+            "torch": torch.__version__}
 
 
 def _log_record(step: int, loss: float, lr: float, window: list[dict], tokens_per_step: int) -> dict:
@@ -158,7 +232,7 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
     # SYNC: one allreduce averages the run totals, the per-step means (time, bytes) and the
     # per-bucket times over ranks
     final_train, compute, comm_s, comm_total, state_mean, *means = mean_over_ranks(
-        comm, [torch.stack(tail).mean().item(), compute, comm_s, comm_total, state_bytes, *stats.values(), *per_bucket])
+        comm, [torch.stack(tail).mean().item() if tail else float("nan"), compute, comm_s, comm_total, state_bytes, *stats.values(), *per_bucket])
     stats = dict(zip(stats, means[:len(stats)]))
     per_bucket = means[len(stats):]
     gradient_bytes = sum(b.nbytes for b in job.grads.buckets)

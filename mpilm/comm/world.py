@@ -38,6 +38,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -454,5 +455,8 @@ def run_main(fn, *args, **kwargs) -> int:
         text = "".join(traceback.format_exc())
         sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in text.rstrip().splitlines()))
         sys.stderr.flush()
+        # Abort makes the launcher kill every process at once; its output forwarding can lose
+        # what is still in the pipe (seen: a traceback missing 1 run in 3), so give it a moment
+        time.sleep(0.5)
         WORLD.Abort(1)
     return 1  # not reached: Abort does not return
