@@ -245,10 +245,12 @@ def check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def parse(argv: list[str] | None = None, quiet: bool = False) -> TrainConfig:
+def parse(argv: list[str] | None = None, quiet: bool = False, run_name: str | None = None) -> TrainConfig:
     """Defaults < ``--config`` file < command line, then checked. Raises UsageError.
 
-    ``quiet`` silences ``--help`` output (for ranks other than 0).
+    ``quiet`` silences ``--help`` output (for ranks other than 0). ``run_name`` names the default
+    ``--out`` (``runs/<run_name>``; default: this process's clock, which ranks may read a second
+    apart: the trainer passes rank 0's).
     """
     args = vars(build_parser(quiet).parse_args(argv))
     values = _read_toml(args.pop("config")) if args.get("config") else {}
@@ -256,5 +258,5 @@ def parse(argv: list[str] | None = None, quiet: bool = False) -> TrainConfig:
     values.update(args)
     cfg = TrainConfig(**values)
     if cfg.out is None:
-        cfg.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.out = f"runs/{run_name or time.strftime('%Y%m%d-%H%M%S')}"
     return check(cfg)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+import mpilm
 from mpilm import config, data, models, optim
 from mpilm.comm import collectives, compress, world
 from mpilm.comm.compress import BucketTiming
@@ -207,6 +208,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     """
     comm = comm or world.WORLD
     n_ranks = comm.Get_size()
+    check_consistent({**cfg.to_dict(), "mpilm version": mpilm.__version__, "torch version": torch.__version__},
+                     comm, "configuration")  # SYNC: before anything could go wrong in a subtler way
     device = world.pick_device(cfg.device)
     if cfg.allreduce == "shm" and world.local_size() != n_ranks:  # the same verdict on every rank
         raise UsageError(f"--allreduce shm: the job spans several nodes ({world.local_size()} of {n_ranks} ranks "
@@ -216,6 +219,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout).to(device)
+    check_consistent({f"parameter {n}": (tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()},
+                     comm, "model structure")  # SYNC: a mismatch would garble the broadcast below
     broadcast_([*model.parameters(), *model.buffers()], comm)  # SYNC: everyone starts from rank 0's weights
     grad_comm = comm.Dup()  # collective: the communication thread's own communicator
     collectives.prepare(grad_comm)  # collective first-use set-up, before the comm thread may run
@@ -250,6 +255,31 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     forward_model = wrap(model) if wrap is not None else model
     return Run(cfg, comm, grad_comm, device, corpus, model, forward_model, grads, compressor, optimizer, timer,
                tracer, autocast, overlap_reason=why)
+
+
+def check_consistent(fields: dict, comm: MPI.Comm, what: str) -> None:
+    """Raise UsageError on every rank unless every rank has the same ``fields`` (SYNC, start-up only).
+
+    An MPMD launch with one option different per rank would otherwise train several models
+    silently, or fail later with an MPI message-size error. The gathered values are the same on
+    every rank, so every rank reaches the same verdict and prints the same one-line error.
+    """
+    everyone = comm.allgather(fields)  # start-up only: the pickle-based allgather is fine
+    names = list(dict.fromkeys(k for d in everyone for k in d))
+    differ = [k for k in names if any(d.get(k, "(absent)") != everyone[0].get(k, "(absent)") for d in everyone)]
+    if not differ:
+        return
+    parts = []
+    for k in differ[:3]:
+        values: dict = {}
+        for r, d in enumerate(everyone):
+            values.setdefault(repr(d.get(k, "(absent)")), []).append(r)
+        flag = "--" + k.replace("_", "-") if k in fields and " " not in k else k
+        parts.append(f"{flag} (" + "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {world.compact_cores(ranks)}: {v}"
+                                              for v, ranks in values.items()) + ")")
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise UsageError(f"ranks disagree on their {what}: {', '.join(parts)}{more}; every rank must run the same "
+                     "configuration (check the launch line, e.g. an MPMD ':' section)")
 
 
 def decide_overlap(cfg: config.TrainConfig, grads: GradBuffer, comm: MPI.Comm, device: torch.device) -> tuple[bool, str]:

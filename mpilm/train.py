@@ -47,7 +47,9 @@ def mean_over_ranks(comm: MPI.Comm, values: list[float]) -> list[float]:
 def run(argv: list[str] | None = None) -> dict | None:
     comm = world.WORLD
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
-    cfg = config.parse(argv, quiet=rank != 0)
+    # the default --out is named by rank 0's clock, so every rank writes to the same run directory
+    stamp = comm.bcast(time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None, root=0)
+    cfg = config.parse(argv, quiet=rank != 0, run_name=stamp)
     t_load = time.perf_counter()
     job = build(cfg, comm)  # SYNC: corpus, model broadcast, bucket map check
     t_load = time.perf_counter() - t_load

@@ -78,3 +78,19 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     result = run_cli(["-c", script], np=2, timeout=90)
     assert result.returncode not in (0, 124, 137), "the job must abort, not hang or succeed"
     assert "[rank 1] Traceback" in result.stderr and "[rank 1] RuntimeError: injected failure on rank 1" in result.stderr
+
+
+def test_ranks_launched_with_different_options_stop_with_one_error():
+    """An MPMD launch (``A : B``) where the ranks disagree: every rank exits 2, one error names them."""
+    import subprocess
+
+    from conftest import BIN
+
+    base = ["-m", "mpilm.train", *TINY, "--steps", "2"]
+    cmd = [str(BIN / "mpirun"), "-np", "1", str(BIN / "python"), *base, "--lr", "1e-3", ":",
+           "-np", "1", str(BIN / "python"), *base, "--lr", "2e-3"]
+    result = subprocess.run(["timeout", "--kill-after=5", "120", *cmd], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: ranks disagree on their configuration: --lr (rank 0: 0.001; rank 1: 0.002); every rank "
+                     "must run the same configuration (check the launch line, e.g. an MPMD ':' section)"], result.stderr
