@@ -117,6 +117,9 @@ class TrainConfig:
     sample: int = opt(0, "print N generated characters from rank 0 at the end", check=non_negative)
     out: str | None = opt(None, "output directory (default: runs/<timestamp>)")
     trace: str | None = opt(None, "write a Chrome trace (open in ui.perfetto.dev or chrome://tracing) of every rank's phases and per-bucket collectives to this JSON file")
+    comm_timeout: float = opt(300.0, "abort the job when a wait on the other ranks (a gradient bucket, an evaluation, "
+                                     "a checkpoint) lasts longer than this many seconds, naming what it waited for",
+                              check=positive)
     # checkpoints
     ckpt_every: int = opt(0, "write a checkpoint (every rank's state, in the background) every N steps; 0: none",
                           check=non_negative)

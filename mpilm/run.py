@@ -76,6 +76,7 @@ class Run:
     losses: list = field(default_factory=list)  # this rank's loss per step (tensors: no device sync)
     buckets: BucketStats | None = None
     overlap_reason: str = ""  # what decide_overlap chose and why, for the banner
+    watchdog: world.Watchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
 
     # ---------------------------------------------------------------- one step
     def step(self) -> torch.Tensor:
@@ -110,7 +111,7 @@ class Run:
                 optim.clip_(list(grads.flat.values()), cfg.grad_clip)
                 self.optimizer.step()
         if cfg.zero:
-            with timer.phase("comm"):
+            with timer.phase("comm"), self._watched(f"the ZeRO-1 allgather of the parameters in step {step}"):
                 seconds = self.optimizer.gather()  # SYNC: every rank's updated shard reaches every rank
             timer.add("comm_total", seconds)
         timer.end_step()
@@ -145,7 +146,8 @@ class Run:
             with self.autocast or contextlib.nullcontext():
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += (loss.item() * len(chunk), len(chunk))
-        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
+        with self._watched(f"the evaluation's Allreduce after step {self.step_index}"):
+            comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
         self.model.train()
         return float(sums[0] / sums[1])
 
@@ -179,6 +181,9 @@ class Run:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step_index = int(state["step"])
 
+    def _watched(self, what: str):
+        return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
+
     def optimizer_state_bytes(self) -> int:
         return optim.state_bytes(self.optimizer.inner if self.cfg.zero else self.optimizer)
 
@@ -211,6 +216,7 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     check_consistent({**cfg.to_dict(), "mpilm version": mpilm.__version__, "torch version": torch.__version__},
                      comm, "configuration")  # SYNC: before anything could go wrong in a subtler way
     device = world.pick_device(cfg.device)
+    watchdog = world.watchdog(cfg.comm_timeout) if n_ranks > 1 else None
     if cfg.allreduce == "shm" and world.local_size() != n_ranks:  # the same verdict on every rank
         raise UsageError(f"--allreduce shm: the job spans several nodes ({world.local_size()} of {n_ranks} ranks "
                          "on this one); shm works within one node, use --allreduce hier")
@@ -236,7 +242,7 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
                        shared_memory=cfg.allreduce in ("shm", "hier", "auto"), reducer=compressor,
                        shard=cfg.zero == 1,
                        poll_s=cfg.comm_poll_us * 1e-6 if cfg.comm_poll_us > 0 else None,
-                       priority_levels=cfg.comm_priority)  # SYNC: map check
+                       priority_levels=cfg.comm_priority, watchdog=watchdog)  # SYNC: map check
     overlap, why = decide_overlap(cfg, grads, grad_comm, device)  # collective: auto may look at the node layout
     if overlap:
         if n_ranks > 1:
@@ -254,7 +260,7 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     forward_model = wrap(model) if wrap is not None else model
     return Run(cfg, comm, grad_comm, device, corpus, model, forward_model, grads, compressor, optimizer, timer,
-               tracer, autocast, overlap_reason=why)
+               tracer, autocast, overlap_reason=why, watchdog=watchdog)
 
 
 def check_consistent(fields: dict, comm: MPI.Comm, what: str) -> None:

@@ -94,3 +94,26 @@ def test_ranks_launched_with_different_options_stop_with_one_error():
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: ranks disagree on their configuration: --lr (rank 0: 0.001; rank 1: 0.002); every rank "
                      "must run the same configuration (check the launch line, e.g. an MPMD ':' section)"], result.stderr
+
+
+def test_a_stopped_rank_ends_the_job_within_the_comm_timeout(tmp_path):
+    """SIGSTOP on rank 1 (a stalled node): rank 0's watchdog names the wait and aborts the job."""
+    import time
+
+    script = (
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import run, train\n"
+        "step = run.Run.step\n"
+        "def stalling(self):\n"
+        "    if MPI.COMM_WORLD.rank == 1 and self.step_index == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    return step(self)\n"
+        "run.Run.step = stalling\n"
+        f"sys.exit(train.main({TINY + ['--steps', '6', '--comm-timeout', '4', '--out', str(tmp_path)]!r}))\n"
+    )
+    t0 = time.monotonic()
+    result = run_cli(["-c", script], np=2, timeout=60)
+    assert result.returncode not in (0, 124, 137), "the job must end by itself, not by the outer timeout"
+    assert time.monotonic() - t0 < 4 + 25
+    assert "[rank 0] error: stalled for" in result.stderr and "gradient bucket" in result.stderr, result.stderr

@@ -50,6 +50,7 @@ communicator handed in while a step is in flight (``wait()`` returns it to the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -86,13 +87,14 @@ class Bucket:
 class GradBuffer:
     def __init__(self, named_params, bucket_bytes: float, comm: MPI.Comm, device: torch.device | str = "cpu",
                  shared_memory: bool = False, reducer=None, overlap: bool = False, shard: bool = False,
-                 poll_s: float | None = None, priority_levels: int = 0):
+                 poll_s: float | None = None, priority_levels: int = 0, watchdog=None):
         self.comm = comm
         self.reducer = reducer
         self.overlap = False  # until start_overlap() below
         self.shard = shard
         self.poll_s = poll_s  # the comm thread's waits: test-and-sleep period (None: MPI's busy Wait)
         self.priority_levels = priority_levels
+        self.watchdog = watchdog  # world.Watchdog: aborts the job if a bucket's wait outlasts --comm-timeout
         self.priority = "no communication thread"  # what prioritize_this_thread did, for the banner
         self.device = torch.device(device)
         params = [(n, p) for n, p in named_params if p.requires_grad]
@@ -250,14 +252,16 @@ class GradBuffer:
         if not self.overlap:
             for bucket in self.buckets:
                 # SYNC: each bucket blocks until every rank has contributed it
-                t = self._reduce(bucket, self._step)
+                with self._watched(bucket):
+                    t = self._reduce(bucket, self._step)
                 t.exposed_s = t.total_s
                 timings.append(t)
             self._next = len(self.buckets)
             return timings
-        for _ in self.buckets:
+        for bucket in self.buckets:
             t0 = time.perf_counter()
-            result = self._results.get()  # SYNC: blocks on the comm thread, which blocks on the peers
+            with self._watched(bucket):
+                result = self._results.get()  # SYNC: blocks on the comm thread, which blocks on the peers
             if isinstance(result, BaseException):
                 raise result
             result.exposed_s = time.perf_counter() - t0
@@ -265,6 +269,16 @@ class GradBuffer:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).wait_event(self._done_event)  # later kernels see the averages
         return timings
+
+    def _watched(self, bucket: Bucket):
+        """The watchdog's view of a wait for ``bucket`` (a no-op without one)."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        verb = "reduce-scatter" if self.shard else "allreduce"
+        algorithm = getattr(self.reducer, "algorithm", "?")
+        return self.watchdog.waiting(
+            f"the {verb} of gradient bucket {bucket.index} ({bucket.nbytes / 2**20:.2f} MiB, {algorithm}) in step "
+            f"{self._step}, with all {self.comm.Get_size()} ranks")
 
     def _reduce(self, bucket: Bucket, step: int) -> BucketTiming:
         if self.shard:

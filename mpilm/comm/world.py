@@ -430,6 +430,64 @@ def say(msg: str, *, all_ranks: bool = False) -> None:
         print(f"[rank {r}] {msg}", flush=True)
 
 
+class Watchdog:
+    """Aborts the job when a wait on peers outlasts ``timeout_s``, naming what it waited for.
+
+    ``with watchdog.waiting("allreduce of bucket 3 ..."):`` around a wait registers it (per
+    thread); a daemon thread checks the registry every ``min(1, timeout/4)`` s. A wait older than
+    the timeout prints ``[rank r] error: stalled ...`` and calls ``Abort(3)``, which the launcher
+    turns into the end of the whole job: a stopped node or a dead link ends the job within about
+    the timeout, instead of never. Cheap when nothing stalls: one dict update per wait.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._waits: dict[int, tuple[str, float]] = {}
+        self._thread = threading.Thread(target=self._watch, name="mpilm-watchdog", daemon=True)
+        self._thread.start()
+
+    def waiting(self, what: str):
+        return _Waiting(self, what)
+
+    def _watch(self) -> None:
+        period = min(1.0, self.timeout_s / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                stalled = [(what, now - since) for what, since in self._waits.values() if now - since > self.timeout_s]
+            if stalled:
+                what, elapsed = stalled[0]
+                sys.stderr.write(f"[rank {WORLD.Get_rank()}] error: stalled for {elapsed:.0f} s waiting for {what} "
+                                 f"(--comm-timeout {self.timeout_s:g}): a peer stopped, or the network is down; "
+                                 "aborting the job\n")
+                sys.stderr.flush()
+                time.sleep(0.5)  # let the launcher forward the line before the job is torn down
+                WORLD.Abort(3)
+
+
+@functools.lru_cache(maxsize=None)
+def watchdog(timeout_s: float) -> Watchdog:
+    """The process's watchdog for ``timeout_s`` (one thread per distinct timeout, however many Runs)."""
+    return Watchdog(timeout_s)
+
+
+class _Waiting:
+    __slots__ = ("dog", "what")
+
+    def __init__(self, dog: Watchdog, what: str):
+        self.dog, self.what = dog, what
+
+    def __enter__(self):
+        with self.dog._lock:
+            self.dog._waits[threading.get_ident()] = (self.what, time.monotonic())
+
+    def __exit__(self, *exc):
+        with self.dog._lock:
+            self.dog._waits.pop(threading.get_ident(), None)
+
+
 def run_main(fn, *args, **kwargs) -> int:
     """Run an entry point under the project's error policy and return its exit status.
 
