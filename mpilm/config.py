@@ -120,6 +120,8 @@ class TrainConfig:
     comm_timeout: float = opt(300.0, "abort the job when a wait on the other ranks (a gradient bucket, an evaluation, "
                                      "a checkpoint) lasts longer than this many seconds, naming what it waited for",
                               check=positive)
+    max_bad_steps: int = opt(10, "a step whose averaged gradient norm is not finite is skipped on every rank; this "
+                                 "many in a row stop the run", check=positive)
     # checkpoints
     ckpt_every: int = opt(0, "write a checkpoint (every rank's state, in the background) every N steps; 0: none",
                           check=non_negative)

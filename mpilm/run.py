@@ -26,6 +26,7 @@ Limits: ``state_dict`` is this rank's; resuming needs the same world size and co
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,8 @@ class Run:
     buckets: BucketStats | None = None
     overlap_reason: str = ""  # what decide_overlap chose and why, for the banner
     watchdog: world.Watchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
+    skipped_steps: int = 0  # steps whose averaged gradient was not finite: no update
+    bad_in_a_row: int = 0
 
     # ---------------------------------------------------------------- one step
     def step(self) -> torch.Tensor:
@@ -105,12 +108,16 @@ class Run:
         self._credit(timings)
         with timer.phase("optimizer"):
             if cfg.zero:
-                optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
-                self.optimizer.inner_step()
+                norm = optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
             else:
-                optim.clip_(list(grads.flat.values()), cfg.grad_clip)
-                self.optimizer.step()
-        if cfg.zero:
+                norm = optim.clip_(list(grads.flat.values()), cfg.grad_clip)
+            # the norm of the *averaged* gradient: the same on every rank, so every rank skips alike
+            # (one device sync per step on CUDA)
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.inner_step() if cfg.zero else self.optimizer.step()
+        self._count_bad(finite, step)
+        if cfg.zero and finite:
             with timer.phase("comm"), self._watched(f"the ZeRO-1 allgather of the parameters in step {step}"):
                 seconds = self.optimizer.gather()  # SYNC: every rank's updated shard reaches every rank
             timer.add("comm_total", seconds)
@@ -118,6 +125,21 @@ class Run:
         self.losses.append(total)
         self.step_index += 1
         return total
+
+    def _count_bad(self, finite: bool, step: int) -> None:
+        """Skipped steps: counted; ``--max-bad-steps`` of them in a row stop the run (every rank alike)."""
+        if finite:
+            self.bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        if self.comm.Get_rank() == 0:
+            print(f"warning: step {step + 1}: the averaged gradient's norm is not finite; the update is skipped "
+                  f"({self.bad_in_a_row} in a row)", file=sys.stderr, flush=True)
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise UsageError(f"{self.bad_in_a_row} steps in a row (the last: step {step + 1}) had a non-finite gradient "
+                             f"norm (--max-bad-steps {self.cfg.max_bad_steps}): lower --lr, raise --warmup-steps, or "
+                             "check the data")
 
     def _credit(self, timings: list[BucketTiming]) -> None:
         if not timings:
@@ -159,6 +181,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "step": self.step_index,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
             "world_size": self.comm.Get_size(),
             "rank": self.comm.Get_rank(),
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
@@ -180,6 +204,8 @@ class Run:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step_index = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
 
     def _watched(self, what: str):
         return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()

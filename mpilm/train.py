@@ -170,6 +170,7 @@ def _train(job: Run, t_build: float) -> dict | None:
             # SYNC: loss averaged over ranks, for the log line only
             loss = mean_over_ranks(comm, [torch.stack(job.losses[-len(window):]).mean().item()])[0]
             record = _log_record(step, loss, lr, window, cfg.tokens_per_step_per_rank * n_ranks)
+            record["skipped_steps"] = job.skipped_steps  # so far: non-finite updates left out
             if rank == 0:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -259,6 +260,7 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         "comm_s": comm_s,
         "comm_total_s": comm_total,
         "comm_hidden_share": hidden,
+        "skipped_steps": job.skipped_steps,
         "overlap": job.grads.overlap,
         "zero": cfg.zero,
         "optimizer_state_bytes_per_rank": state_mean,

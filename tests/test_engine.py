@@ -216,3 +216,26 @@ def test_overlap_unset_is_on_except_for_shared_memory_on_one_cpu_node():
     forced = run.build(config.parse([*TINY, "--steps", "1", "--allreduce", "auto", "--overlap"]))
     assert forced.grads.overlap and forced.overlap_reason == "on (--overlap)"
     forced.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_non_finite_gradient_skips_the_step_on_every_rank():
+    comm = MPI.COMM_WORLD
+    job = run.build(config.parse([*TINY, "--steps", "10", "--overlap", "--max-bad-steps", "2"]))
+    job.step()
+    healthy = job.forward_model
+
+    def poisoned(x, y):  # rank 1's loss (so its gradients, so the average) turn NaN
+        logits, loss = healthy(x, y)
+        return logits, loss * float("nan") if comm.rank == 1 else loss
+
+    before = [p.detach().clone() for p in job.model.parameters()]
+    job.forward_model = poisoned
+    job.step()
+    assert job.skipped_steps == 1 and job.step_index == 2  # the step counts, the update does not happen
+    for a, b in zip(before, job.model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(UsageError, match="2 steps in a row .* non-finite gradient norm"):
+        job.step()
+    job.forward_model = healthy
+    job.close()
