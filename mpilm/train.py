@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,36 @@ def mean_over_ranks(comm: MPI.Comm, values: list[float]) -> list[float]:
     return list(arr / comm.Get_size())
 
 
+PREEMPTED_EXIT = 75  # exit status after a pre-emption checkpoint (EX_TEMPFAIL: "try again", with --resume auto)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption and ``--signal=USR1@T``): finish the step, checkpoint, exit.
+
+    The first signal only sets a flag; after every step the ranks agree on it (SYNC: one small
+    allreduce, so ranks signalled a step apart still stop at the same step boundary). A second
+    signal exits at once. The previous handlers come back when the run ends.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)  # the second signal: no checkpoint, now
+        self.received = signum
+
+    def agreed(self, comm: MPI.Comm) -> bool:
+        return bool(comm.allreduce(self.received is not None, op=MPI.LOR))  # SYNC: did any rank get one?
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def run(argv: list[str] | None = None) -> dict | None:
     comm = world.WORLD
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
@@ -53,9 +85,11 @@ def run(argv: list[str] | None = None) -> dict | None:
     t_load = time.perf_counter()
     job = build(cfg, comm)  # SYNC: corpus, model broadcast, bucket map check
     t_load = time.perf_counter() - t_load
+    preemption = Preemption()
     try:
-        return _train(job, t_load)
+        return _train(job, t_load, preemption)
     finally:
+        preemption.restore()
         job.close()
 
 
@@ -90,7 +124,7 @@ def ckpt_dir(cfg: config.TrainConfig) -> Path:
     return Path(cfg.ckpt_dir).expanduser() if cfg.ckpt_dir else Path(cfg.out) / "ckpt"
 
 
-def _train(job: Run, t_build: float) -> dict | None:
+def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
     cfg, comm, grads = job.cfg, job.comm, job.grads
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
     out = Path(cfg.out)
@@ -162,6 +196,16 @@ def _train(job: Run, t_build: float) -> dict | None:
                 writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))  # SYNC: a Barrier
             else:
                 writer.poll()  # SYNC while a checkpoint is being written: is every rank done?
+        if step < cfg.steps and preemption.agreed(comm):  # SYNC: a signal reached some rank
+            writer = writer or checkpoint.Writer(ckpt_dir(cfg), comm, cfg.keep_ckpts)
+            if not writer.written or writer.written[-1].name != f"step-{step}":
+                writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))
+            path = writer.finish() or writer.written[-1]  # SYNC: complete before anyone exits
+            if rank == 0:
+                metrics.close()
+                print(f"pre-empted by a signal at step {step}: checkpoint {path}; continue with the same command "
+                      f"and --resume auto (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
         bar.update(1)
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:

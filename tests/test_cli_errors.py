@@ -117,3 +117,26 @@ def test_a_stopped_rank_ends_the_job_within_the_comm_timeout(tmp_path):
     assert result.returncode not in (0, 124, 137), "the job must end by itself, not by the outer timeout"
     assert time.monotonic() - t0 < 4 + 25
     assert "[rank 0] error: stalled for" in result.stderr and "gradient bucket" in result.stderr, result.stderr
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(tmp_path):
+    """Pre-emption: a SIGTERM to one rank stops every rank at the same step, with a checkpoint."""
+    script = (
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import run, train\n"
+        "step = run.Run.step\n"
+        "def signalled(self):\n"
+        "    if MPI.COMM_WORLD.rank == 1 and self.step_index == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return step(self)\n"
+        "run.Run.step = signalled\n"
+        f"sys.exit(train.main({TINY + ['--steps', '8', '--out', str(tmp_path)]!r}))\n"
+    )
+    result = run_cli(["-c", script], np=2, timeout=90)
+    assert result.returncode == 75, result.stderr
+    assert "pre-empted by a signal at step 4" in result.stderr, result.stderr
+    assert (tmp_path / "ckpt" / "step-4" / "DONE").is_file()
+    again = run_cli(["-m", "mpilm.train", *TINY, "--steps", "8", "--out", str(tmp_path), "--resume", "auto"], np=2,
+                    timeout=90)
+    assert again.returncode == 0 and "resumed from" in again.stdout and "at step 4" in again.stdout, again.stderr
