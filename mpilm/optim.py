@@ -154,4 +154,5 @@ class Zero1:
 
     @property
     def state(self):
+        """This rank's optimizer state (of its shard only), as a torch optimizer's ``.state``."""
         return self.inner.state if self.inner is not None else {}

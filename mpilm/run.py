@@ -211,7 +211,7 @@ class Run:
         return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
 
     def optimizer_state_bytes(self) -> int:
-        return optim.state_bytes(self.optimizer.inner if self.cfg.zero else self.optimizer)
+        return optim.state_bytes(self.optimizer)  # Zero1 exposes its shard's state as .state
 
     def close(self) -> None:
         """Stop the communication thread (idempotent); the communicators go with the process."""

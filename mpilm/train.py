@@ -104,20 +104,23 @@ def resume_point(cfg: config.TrainConfig, comm: MPI.Comm) -> Path | None:
     rank = comm.Get_rank()
     if cfg.resume != "auto":
         path = Path(cfg.resume).expanduser()
-        problems = comm.allgather(checkpoint.verify(path, rank) if path.is_dir() else f"{path}: no such checkpoint directory")
-        bad = next((p for p in problems if p), None)
+        bad = _first_problem(comm, checkpoint.verify(path, rank) if path.is_dir() else f"{path}: no such checkpoint directory")
         if bad:
             raise UsageError(f"--resume {cfg.resume}: {bad}")
         return path
     candidates = checkpoint.complete_checkpoints(ckpt_dir(cfg)) if rank == 0 else None
     for path in reversed(comm.bcast(candidates, root=0)):  # the same list on every rank: rank 0's view
-        problems = comm.allgather(checkpoint.verify(path, rank))
-        bad = next((p for p in problems if p), None)
+        bad = _first_problem(comm, checkpoint.verify(path, rank))
         if bad is None:
             return path
         if rank == 0:
             print(f"warning: --resume auto: {bad}; trying the previous checkpoint", file=sys.stderr, flush=True)
     return None
+
+
+def _first_problem(comm: MPI.Comm, mine: str | None) -> str | None:
+    """SYNC: the lowest rank's problem (None if no rank has one): the same verdict on every rank."""
+    return next((p for p in comm.allgather(mine) if p), None)
 
 
 def ckpt_dir(cfg: config.TrainConfig) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,17 @@ def run_cli(args: list[str], np: int = 1, timeout: float = 240, env: dict | None
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def isolated_collective_settings():
+    """For collective test modules (made a module-scoped autouse fixture there): ``auto`` must not
+    read the developer's ~/.cache tuning file (pointed at a missing one), and up to 5 ranks share
+    2 cores (one torch thread each); both restored for the other modules."""
+    from mpilm.comm import tuning
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tuning.use_file(Path(tempfile.gettempdir()) / "mpilm-tests-no-such-tuning-file.json")
+    yield
+    tuning.use_file(None)
+    torch.set_num_threads(threads)

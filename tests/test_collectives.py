@@ -21,6 +21,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from conftest import isolated_collective_settings
+
 from mpilm.comm import collectives, p2p, ring, rhd, tree, tuning, world
 from mpilm.comm.common import shard_bounds
 
@@ -53,16 +55,7 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
     return bool((every == every[0]).all())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def isolated_settings():
-    """``auto`` must not read the developer's ~/.cache tuning file (point it at a missing one), and
-    up to 5 ranks share 2 cores (one torch thread each); both restored for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tuning.use_file(Path(tempfile.gettempdir()) / "mpilm-tests-no-such-tuning-file.json")
-    yield
-    tuning.use_file(None)
-    torch.set_num_threads(threads)
+isolated_settings = pytest.fixture(autouse=True, scope="module")(isolated_collective_settings)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

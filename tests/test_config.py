@@ -70,6 +70,12 @@ def test_compressor_and_aggregate_names_match_comm():
     assert config.COMPRESSORS == compress.COMPRESSORS and config.TOPK_AGGREGATES == compress.TOPK_AGGREGATES
 
 
+def test_zero_algorithms_match_the_collectives_with_two_halves():
+    from mpilm.comm import collectives
+
+    assert set(config.SHARDED_ALGORITHMS) == set(collectives.REDUCE_SCATTER_ALGORITHMS)
+
+
 def test_every_option_has_help():
     parser = config.build_parser()
     for action in parser._actions:

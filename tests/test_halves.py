@@ -12,8 +12,6 @@ memory) halves run with the host standing in for the device. Nothing here checks
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from mpi4py import MPI
 
 from conftest import REDUCE_DTYPES as DTYPES
 from conftest import REDUCE_TOLERANCE as TOLERANCE
+from conftest import isolated_collective_settings
 from mpilm.comm import collectives, mpi, ring, staging, tuning, world
 from mpilm.comm.common import REDUCE_SCATTER_ALGORITHMS, shard_bounds
 
@@ -68,15 +67,7 @@ def _moved() -> int:
     return t.sent + t.received + t.shm_read + t.shm_written
 
 
-@pytest.fixture(autouse=True, scope="module")
-def isolated_settings():
-    """``auto`` reads no developer tuning file; one torch thread per rank (up to 5 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tuning.use_file(Path(tempfile.gettempdir()) / "mpilm-tests-no-such-tuning-file.json")
-    yield
-    tuning.use_file(None)
-    torch.set_num_threads(threads)
+isolated_settings = pytest.fixture(autouse=True, scope="module")(isolated_collective_settings)
 
 
 def _check_halves(algorithm: str, dtype: torch.dtype, op: str = "avg", seed: int = 1) -> None:

@@ -101,7 +101,6 @@ class GradBuffer:
         if not params:
             raise ValueError("GradBuffer: the model has no trainable parameters")
         self.params = [p for _, p in params]
-        self.names = {id(p): n for n, p in params}
         self.flat: dict[torch.dtype, torch.Tensor] = {}
         self.flat_params: dict[torch.dtype, torch.Tensor] = {}
         self.buckets: list[Bucket] = []
@@ -235,7 +234,9 @@ class GradBuffer:
         communication thread.
         """
         self.check_views()
-        unused = [n for n, p, *_ in self.layout if self._armed and id(p) not in self._landed]
+        # a bucket still not ready after an armed backward holds a parameter that got no gradient
+        unused = ([n for n, p, *_ in self.layout if id(p) not in self._landed]
+                  if self._armed and not all(self._ready) else [])
         if unused and not self._unused_reported:
             self._unused_reported = True
             print(f"[rank {self.comm.Get_rank()}] note: no gradient this step (step {self._step}) for "
