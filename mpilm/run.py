@@ -77,7 +77,7 @@ class Run:
     losses: list = field(default_factory=list)  # this rank's loss per step (tensors: no device sync)
     buckets: BucketStats | None = None
     overlap_reason: str = ""  # what decide_overlap chose and why, for the banner
-    watchdog: world.Watchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
+    watchdog: world.TimedWatchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
     skipped_steps: int = 0  # steps whose averaged gradient was not finite: no update
     bad_in_a_row: int = 0
 
@@ -118,7 +118,7 @@ class Run:
                 self.optimizer.inner_step() if cfg.zero else self.optimizer.step()
         self._count_bad(finite, step)
         if cfg.zero and finite:
-            with timer.phase("comm"), self._watched(f"the ZeRO-1 allgather of the parameters in step {step}"):
+            with timer.phase("comm"), self.watched(f"the ZeRO-1 allgather of the parameters in step {step}"):
                 seconds = self.optimizer.gather()  # SYNC: every rank's updated shard reaches every rank
             timer.add("comm_total", seconds)
         timer.end_step()
@@ -168,7 +168,7 @@ class Run:
             with self.autocast or contextlib.nullcontext():
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += (loss.item() * len(chunk), len(chunk))
-        with self._watched(f"the evaluation's Allreduce after step {self.step_index}"):
+        with self.watched(f"the evaluation's Allreduce after step {self.step_index}"):
             comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
         self.model.train()
         return float(sums[0] / sums[1])
@@ -207,7 +207,8 @@ class Run:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
 
-    def _watched(self, what: str):
+    def watched(self, what: str):
+        """A context manager putting a wait on peers under the stall watchdog (a no-op at one rank)."""
         return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
 
     def optimizer_state_bytes(self) -> int:

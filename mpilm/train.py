@@ -82,6 +82,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     # the default --out is named by rank 0's clock, so every rank writes to the same run directory
     stamp = comm.bcast(time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None, root=0)
     cfg = config.parse(argv, quiet=rank != 0, run_name=stamp)
+    unwritable = _first_problem(comm, _write_problem(cfg, rank))  # SYNC: before any work, one verdict
+    if unwritable:
+        raise UsageError(unwritable)
     t_load = time.perf_counter()
     job = build(cfg, comm)  # SYNC: corpus, model broadcast, bucket map check
     t_load = time.perf_counter() - t_load
@@ -127,6 +130,12 @@ def ckpt_dir(cfg: config.TrainConfig) -> Path:
     return Path(cfg.ckpt_dir).expanduser() if cfg.ckpt_dir else Path(cfg.out) / "ckpt"
 
 
+def _write_problem(cfg: config.TrainConfig, rank: int) -> str | None:
+    """Why this rank could not write where it will (rank 0: --out; every rank: its checkpoint file), or None."""
+    return ((checkpoint.writable_problem(cfg.out, "--out") if rank == 0 else None)
+            or (checkpoint.writable_problem(ckpt_dir(cfg), "--ckpt-dir") if cfg.ckpt_every else None))
+
+
 def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
     cfg, comm, grads = job.cfg, job.comm, job.grads
     rank, n_ranks = comm.Get_rank(), comm.Get_size()
@@ -149,8 +158,8 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": n_ranks}, indent=2) + "\n")
-        print(f"mpilm | {n_ranks} rank(s) on {len(node_lines)} node(s) | {world.library_version()}")
+        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": n_ranks, "nodes": len(node_lines)}, indent=2) + "\n")
+        print(f"mpilm | {n_ranks} rank(s) on {len(node_lines)} node(s) | {world.mpi_description()}")
         for line in node_lines:
             print(line)
         print(f"model {cfg.model}: {job.model.num_params() / 1e6:.2f}M parameters | "
@@ -195,15 +204,19 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
         job.step()
         step = job.step_index
         if writer is not None:
-            if step % cfg.ckpt_every == 0:
-                writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))  # SYNC: a Barrier
-            else:
-                writer.poll()  # SYNC while a checkpoint is being written: is every rank done?
-        if step < cfg.steps and preemption.agreed(comm):  # SYNC: a signal reached some rank
+            with job.watched(f"the checkpoint writers' agreement after step {step}"):
+                if step % cfg.ckpt_every == 0:
+                    writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))  # SYNC: a Barrier
+                else:
+                    writer.poll()  # SYNC while a checkpoint is being written: is every rank done?
+        with job.watched(f"the pre-emption vote after step {step}"):
+            preempted = step < cfg.steps and preemption.agreed(comm)  # SYNC: did a signal reach some rank?
+        if preempted:
             writer = writer or checkpoint.Writer(ckpt_dir(cfg), comm, cfg.keep_ckpts)
             if not writer.written or writer.written[-1].name != f"step-{step}":
                 writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))
-            path = writer.finish() or writer.written[-1]  # SYNC: complete before anyone exits
+            with job.watched(f"the pre-emption checkpoint of step {step}"):
+                path = writer.finish() or writer.written[-1]  # SYNC: complete before anyone exits
             if rank == 0:
                 metrics.close()
                 print(f"pre-empted by a signal at step {step}: checkpoint {path}; continue with the same command "
@@ -214,13 +227,15 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
         if step % cfg.log_every == 0 or last:
             window = timer.last(min(cfg.log_every, len(timer.steps)))
             lr = optim.lr_at(step - 1, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            # SYNC: loss averaged over ranks, for the log line only
-            loss = mean_over_ranks(comm, [torch.stack(job.losses[-len(window):]).mean().item()])[0]
+            with job.watched(f"the log line's loss average after step {step}"):  # SYNC: for the log line only
+                loss = mean_over_ranks(comm, [torch.stack(job.losses[-len(window):]).mean().item()])[0]
             record = _log_record(step, loss, lr, window, cfg.tokens_per_step_per_rank * n_ranks)
             record["skipped_steps"] = job.skipped_steps  # so far: non-finite updates left out
+            with checkpoint.agreed_writes(comm, out / "metrics.jsonl"):  # SYNC: did rank 0's write work?
+                if rank == 0:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
             if rank == 0:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
                 bar.write(f"step {step:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                           f"{record['tokens_per_s']:,.0f} tok/s | comm {record['comm_share']:.0%} exposed "
                           f"of {record['comm_total_s'] * 1e3:.0f} ms | {record['step_s'] * 1e3:.0f} ms/step")
@@ -231,7 +246,8 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
                           f"{val_loss / math.log(2):.3f} bits/byte")
     bar.close()
     if writer is not None:
-        writer.finish()  # SYNC: the last checkpoint is complete before the run reports
+        with job.watched("the last checkpoint's completion"):
+            writer.finish()  # SYNC: the last checkpoint is complete before the run reports
         if rank == 0 and writer.stalls:
             print(f"checkpoints: {len(writer.written)} written, the loop stalled {1e3 * max(writer.stalls):.0f} ms "
                   f"at most ({1e3 * sum(writer.stalls) / len(writer.stalls):.0f} ms mean) per checkpoint; "
@@ -246,7 +262,8 @@ def _open_metrics(path: Path, resumed_step: int):
     """metrics.jsonl for appending: fresh at step 0, else the lines up to ``resumed_step`` kept."""
     if resumed_step == 0 or not path.is_file():
         return open(path, "w")
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resumed_step]
+    # a line cut short (the disk filled mid-write) lacks its closing brace and is dropped
+    kept = [line for line in path.read_text().splitlines() if line.endswith("}") and json.loads(line)["step"] <= resumed_step]
     path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
 
@@ -281,8 +298,10 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
     state_bytes = job.optimizer_state_bytes()
     # SYNC: one allreduce averages the run totals, the per-step means (time, bytes) and the
     # per-bucket times over ranks
-    final_train, compute, comm_s, comm_total, state_mean, *means = mean_over_ranks(
-        comm, [torch.stack(tail).mean().item() if tail else float("nan"), compute, comm_s, comm_total, state_bytes, *stats.values(), *per_bucket])
+    with job.watched("the summary's averages over ranks"):
+        final_train, compute, comm_s, comm_total, state_mean, *means = mean_over_ranks(
+            comm, [torch.stack(tail).mean().item() if tail else float("nan"), compute, comm_s, comm_total, state_bytes,
+                   *stats.values(), *per_bucket])
     stats = dict(zip(stats, means[:len(stats)]))
     per_bucket = means[len(stats):]
     gradient_bytes = sum(b.nbytes for b in job.grads.buckets)
@@ -323,11 +342,15 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         with job.autocast or contextlib.nullcontext():
             text = bytes(model.generate(prompt, cfg.sample, generator=g)[0, 1:].tolist()).decode("utf-8", "replace")
         print(f"--- sample ({cfg.sample} tokens) ---\n{text}\n---")
+    out = Path(cfg.out)
+    with checkpoint.agreed_writes(comm, out / "summary.json"):  # SYNC: did rank 0's write work?
+        if rank == 0:
+            metrics.close()
+            (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    with checkpoint.agreed_writes(comm, out / "model.pt"):  # SYNC: did rank 0's write work?
+        if rank == 0:
+            checkpoint.save(out / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": cfg.steps})
     if rank == 0:
-        metrics.close()
-        out = Path(cfg.out)
-        (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        checkpoint.save(out / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": cfg.steps})
         print(format_table(summary))
         print(format_run_metrics(perf))
         if bucket_rows:

@@ -96,27 +96,34 @@ def test_ranks_launched_with_different_options_stop_with_one_error():
                      "must run the same configuration (check the launch line, e.g. an MPMD ':' section)"], result.stderr
 
 
-def test_a_stopped_rank_ends_the_job_within_the_comm_timeout(tmp_path):
-    """SIGSTOP on rank 1 (a stalled node): rank 0's watchdog names the wait and aborts the job."""
+@pytest.mark.parametrize("where, waited_for", [
+    ("run.Run.step", "gradient bucket"),             # rank 0 waits in a bucket's allreduce (comm thread or main)
+    ("train.mean_over_ranks", "the log line's loss average"),  # ... in the main thread's log-line average
+])
+def test_a_stopped_rank_ends_the_job_within_the_comm_timeout(tmp_path, where, waited_for):
+    """SIGSTOP on rank 1 (a stalled node): rank 0's watchdog names its wait and the silent peer, and aborts the job."""
     import time
 
     script = (
         "import os, signal, sys\n"
         "from mpi4py import MPI\n"
         "from mpilm import run, train\n"
-        "step = run.Run.step\n"
-        "def stalling(self):\n"
-        "    if MPI.COMM_WORLD.rank == 1 and self.step_index == 2:\n"
+        f"original = {where}\n"
+        "calls = []\n"
+        "def stalling(*args):\n"
+        "    calls.append(1)\n"
+        "    if MPI.COMM_WORLD.rank == 1 and len(calls) == 3:\n"
         "        os.kill(os.getpid(), signal.SIGSTOP)\n"
-        "    return step(self)\n"
-        "run.Run.step = stalling\n"
-        f"sys.exit(train.main({TINY + ['--steps', '6', '--comm-timeout', '4', '--out', str(tmp_path)]!r}))\n"
+        "    return original(*args)\n"
+        f"{where} = stalling\n"
+        f"sys.exit(train.main({TINY + ['--steps', '6', '--log-every', '1', '--comm-timeout', '4', '--out', str(tmp_path)]!r}))\n"
     )
     t0 = time.monotonic()
     result = run_cli(["-c", script], np=2, timeout=60)
     assert result.returncode not in (0, 124, 137), "the job must end by itself, not by the outer timeout"
     assert time.monotonic() - t0 < 4 + 25
-    assert "[rank 0] error: stalled for" in result.stderr and "gradient bucket" in result.stderr, result.stderr
+    assert "[rank 0] error: stalled for" in result.stderr and waited_for in result.stderr, result.stderr
+    assert "no answer within 3 s from rank 1 (node " in result.stderr, result.stderr  # the stopped peer, named
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(tmp_path):

@@ -184,3 +184,37 @@ def test_bench_allreduce_tune_under_cluster_run(up, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     entries = json.loads(tuning.read_text())["entries"]
     assert list(entries) == ["np2-rpn1-float32"] and entries["np2-rpn1-float32"]["rules"][-1][0] is None
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("fault, restore", [(("stop", "node1"), ("cont", "node1")),
+                                            (("link", "node1", "down"), ("link", "node1", "up"))])
+def test_a_stopped_node_or_a_dead_link_ends_the_job_naming_the_silent_peer(up, tmp_path, fault, restore):
+    """#12's watchdog on real (emulated) nodes: the job ends within --comm-timeout + 10 s, by itself."""
+    timeout_s = 5
+    job = subprocess.Popen(
+        [sys.executable, "-m", "mpilm.cluster", "run", "--", sys.executable, "-m", "mpilm.train", "--n-layer", "1",
+         "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--steps", "100000", "--log-every", "20",
+         "--eval-every", "100000", "--comm-timeout", str(timeout_s), "--out", str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **up}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.jsonl").read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)  # training is under way on both nodes
+        assert cli(*fault, env=up).returncode == 0
+        t0 = time.monotonic()
+        _, stderr = job.communicate(timeout=timeout_s + 30)  # a hang fails here
+        ended_after = time.monotonic() - t0
+    finally:
+        job.kill()
+        cli(*restore, env=up)
+    assert job.returncode not in (0, None)
+    assert ended_after < timeout_s + 10, (ended_after, stderr[-2000:])
+    assert "[rank 0] error: stalled for" in stderr and "from rank 1 (node node1): stopped, dead, or cut off" in stderr, \
+        stderr[-2000:]
+    for _ in range(50):  # the cut-off side's own watchdog ends its processes too
+        if not cluster.namespace_pids("mpilmtest-node1"):
+            break
+        time.sleep(0.2)
+    assert not cluster.namespace_pids("mpilmtest-node1")

@@ -94,7 +94,7 @@ class GradBuffer:
         self.shard = shard
         self.poll_s = poll_s  # the comm thread's waits: test-and-sleep period (None: MPI's busy Wait)
         self.priority_levels = priority_levels
-        self.watchdog = watchdog  # world.Watchdog: aborts the job if a bucket's wait outlasts --comm-timeout
+        self.watchdog = watchdog  # world.TimedWatchdog: aborts the job if a bucket's wait outlasts --comm-timeout
         self.priority = "no communication thread"  # what prioritize_this_thread did, for the banner
         self.device = torch.device(device)
         params = [(n, p) for n, p in named_params if p.requires_grad]

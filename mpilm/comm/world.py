@@ -12,7 +12,9 @@ What it does:
   are ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the mask shared out over the
   machine's ranks whose masks overlap it (``cpu_threads``, pure). ``node_lines()``: the banner's
   one line per node (``describe_node``, pure).
-- ``cuda_aware()``: whether the MPI library can take device pointers.
+- ``cuda_aware()``: whether the MPI library can take device pointers (``library_cuda_support()``:
+  the library's own answer). ``library_version()`` / ``mpi_description()``: the library in one
+  line, and the banner's ``library | thread level | CUDA-aware`` line.
 - ``traffic``: bytes this rank handed to / received from point-to-point calls, and read from /
   written into its node peers' shared memory, so compression ratios are measured rather than
   computed; thread-safe (a communication thread and the main thread both count).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import socket
 import sys
 import threading
@@ -275,6 +278,7 @@ def _machine_comm() -> MPI.Comm:
 
 
 _placed: Placement | None = None
+_world_nodes: list[str] = []  # every world rank's node name, gathered by place()
 
 
 def place(choice: str) -> Placement:
@@ -299,7 +303,9 @@ def place(choice: str) -> Placement:
         problem = str(err)
     if problem is None and choice == "cuda" and not has_cuda:
         problem = f"--device cuda: no CUDA GPU is visible to torch on {node_name()} (use --device cpu)"
-    problems = WORLD.allgather(problem)  # blocks on every rank: one verdict for the whole job
+    global _world_nodes
+    verdicts = WORLD.allgather((problem, node_name()))  # blocks on every rank: one verdict for the whole job
+    problems, _world_nodes = [p for p, _ in verdicts], [n for _, n in verdicts]
     bad = [(r, p) for r, p in enumerate(problems) if p]
     if bad:
         where = "" if len(bad) == len(problems) and len({p for _, p in bad}) == 1 else f" (on rank {bad[0][0]})"
@@ -319,6 +325,11 @@ def placement() -> Placement:
     if _placed is None:
         raise RuntimeError("mpilm: placement() before place() / pick_device()")
     return _placed
+
+
+def node_of(rank: int) -> str | None:
+    """The node world rank ``rank`` runs on, as gathered by ``place()``; None before it ran."""
+    return _world_nodes[rank] if 0 <= rank < len(_world_nodes) else None
 
 
 def compact_cores(cores) -> str:
@@ -406,18 +417,45 @@ def cuda_aware() -> bool:
         return forced == "1"
     if not torch.cuda.is_available():
         return False
+    return bool(library_cuda_support())
+
+
+@functools.lru_cache(maxsize=None)
+def library_cuda_support() -> bool | None:
+    """The MPI library's own answer to ``MPIX_Query_cuda_support()`` (whether it was built to take
+    CUDA device pointers; asked whether or not a GPU is present), None when it has no such call."""
     try:
         # dlsym through mpi4py's extension module also searches the libmpi it links against
         import mpi4py.MPI as mpi_module
 
         query = getattr(ctypes.CDLL(mpi_module.__file__), "MPIX_Query_cuda_support", None)
-        return bool(query and query())
     except OSError:
-        return False
+        return None
+    return None if query is None else bool(query())
 
 
 def library_version() -> str:
-    return MPI.Get_library_version().strip().splitlines()[0].strip()
+    """The MPI library that runs, in one short line: ``MPICH 5.0.2``, ``Open MPI v4.1.4``,
+    ``Intel(R) MPI Library 2021.6 for Linux* OS``... (the first line of ``MPI_Get_library_version``,
+    read at run time, so an ABI-compatible library swapped in under mpi4py is named as itself;
+    spaces collapsed, ``Version:`` labels and Open MPI's ``, package: ...`` details dropped)."""
+    first = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+    return re.sub(r"\s*\bversion\s*:\s*", " ", first.split(", ")[0], flags=re.IGNORECASE).strip()
+
+
+def mpi_description() -> str:
+    """The banner's account of MPI: library and version, the thread level granted, and whether
+    the collectives may hand it CUDA device pointers, e.g. ``Open MPI v4.1.4 | thread level
+    multiple | CUDA-aware: no``. Not collective."""
+    forced = os.environ.get("MPILM_CUDA_AWARE")
+    library = library_cuda_support()
+    if forced in ("0", "1"):
+        aware = f"{'yes' if forced == '1' else 'no'} (MPILM_CUDA_AWARE={forced})"
+    elif library is None:
+        aware = "unknown, taken as no (no MPIX_Query_cuda_support; MPILM_CUDA_AWARE=1 overrides)"
+    else:
+        aware = "yes" if library else "no"
+    return f"{library_version()} | thread level {thread_level_name(MPI.Query_thread())} | CUDA-aware: {aware}"
 
 
 # ---------------------------------------------------------------- error policy
@@ -430,58 +468,152 @@ def say(msg: str, *, all_ranks: bool = False) -> None:
         print(f"[rank {r}] {msg}", flush=True)
 
 
-class Watchdog:
-    """Aborts the job when a wait on peers outlasts ``timeout_s``, naming what it waited for.
+PROBE_TAG, ANSWER_TAG = 32_001, 32_002  # the watchdog's liveness probes on the world (MPI's tag bound is >= 32767)
 
-    ``with watchdog.waiting("allreduce of bucket 3 ..."):`` around a wait registers it (per
-    thread); a daemon thread checks the registry every ``min(1, timeout/4)`` s. A wait older than
-    the timeout prints ``[rank r] error: stalled ...`` and calls ``Abort(3)``, which the launcher
-    turns into the end of the whole job: a stopped node or a dead link ends the job within about
-    the timeout, instead of never. Cheap when nothing stalls: one dict update per wait.
+
+class Watchdog:
+    """Aborts the job when a wait on peers outlasts its timeout, naming what it waited for and who is silent.
+
+    Does: ``with watchdog(timeout).waiting("the allreduce of bucket 3 ..."):`` around a wait
+    registers it (per thread); one daemon thread per process checks the registry every
+    ``min(1, timeout/4)`` s. A wait older than its timeout makes this rank ask every other rank
+    "are you alive, and what are you waiting for?" (non-blocking point-to-point messages on the
+    world, tags ``PROBE_TAG``/``ANSWER_TAG``, never waited on), wait ``grace_s`` for the answers,
+    print one ``[rank r] error: stalled ...`` line naming the silent ranks and their nodes (a
+    stopped or dead process, or one cut off by a dead link, cannot answer: its own watchdog
+    thread is stopped too, or its messages do not arrive) plus one line with what the others
+    wait for, and call ``Abort(3)``, which the launcher turns into the end of the whole job. Every
+    rank's thread answers probes for the whole life of the process, busy or not.
+
+    Does not: decide what counts as a wait (the callers register them); retry; tell a slow peer
+    from a stopped one (a peer that answers is alive, whatever it waits for).
+
+    Limits: the probes need MPI_THREAD_MULTIPLE (mpi4py's default); at a lower level the line
+    names only this rank's own wait. Cheap when nothing stalls: one dict update per wait, one
+    ``Iprobe`` per period.
     """
 
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
+    def __init__(self):
         self._lock = threading.Lock()
-        self._waits: dict[int, tuple[str, float]] = {}
+        self._waits: dict[int, tuple[str, float, float]] = {}  # thread id -> (what, since, timeout)
+        self._period = 1.0
+        self._probing = MPI.Query_thread() == MPI.THREAD_MULTIPLE and WORLD.Get_size() > 1
+        self._sends: list[MPI.Request] = []  # answers in flight; completed ones are dropped
         self._thread = threading.Thread(target=self._watch, name="mpilm-watchdog", daemon=True)
         self._thread.start()
 
-    def waiting(self, what: str):
-        return _Waiting(self, what)
+    def timed(self, timeout_s: float) -> "TimedWatchdog":
+        with self._lock:
+            self._period = min(self._period, timeout_s / 4)
+        return TimedWatchdog(self, timeout_s)
 
     def _watch(self) -> None:
-        period = min(1.0, self.timeout_s / 4)
         while True:
-            time.sleep(period)
+            time.sleep(self._period)
+            self._answer_probes()
             now = time.monotonic()
             with self._lock:
-                stalled = [(what, now - since) for what, since in self._waits.values() if now - since > self.timeout_s]
+                stalled = [(what, now - since, limit) for what, since, limit in self._waits.values() if now - since > limit]
             if stalled:
-                what, elapsed = stalled[0]
-                sys.stderr.write(f"[rank {WORLD.Get_rank()}] error: stalled for {elapsed:.0f} s waiting for {what} "
-                                 f"(--comm-timeout {self.timeout_s:g}): a peer stopped, or the network is down; "
-                                 "aborting the job\n")
-                sys.stderr.flush()
-                time.sleep(0.5)  # let the launcher forward the line before the job is torn down
-                WORLD.Abort(3)
+                self._abort(*stalled[0])
+
+    def _doing(self) -> str:
+        """What this rank is waiting for, for a peer's probe."""
+        now = time.monotonic()
+        with self._lock:
+            waits = sorted(self._waits.values(), key=lambda w: w[1])
+        if not waits:
+            return "is not waiting on a peer"
+        what, since, _ = waits[0]
+        return f"waits {now - since:.0f} s for {what}"
+
+    def _answer_probes(self) -> None:
+        if not self._probing:
+            return
+        status = MPI.Status()
+        while WORLD.iprobe(source=MPI.ANY_SOURCE, tag=PROBE_TAG, status=status):
+            source = status.Get_source()
+            WORLD.recv(source=source, tag=PROBE_TAG)
+            self._sends.append(WORLD.isend(self._doing(), dest=source, tag=ANSWER_TAG))  # never waited on
+        self._sends = [req for req in self._sends if not req.Test()]
+
+    def _ask_peers(self, grace_s: float) -> tuple[dict[int, str], list[int]]:
+        """Probe every other rank; (answers by rank, silent ranks) after at most ``grace_s``."""
+        me, n = WORLD.Get_rank(), WORLD.Get_size()
+        peers = [r for r in range(n) if r != me]
+        probes = [WORLD.isend(None, dest=r, tag=PROBE_TAG) for r in peers]  # never waited on: a peer may be gone
+        answers: dict[int, str] = {}
+        status, deadline = MPI.Status(), time.monotonic() + grace_s
+        while len(answers) < len(peers) and time.monotonic() < deadline:
+            self._answer_probes()  # the peers may be probing at the same time
+            while WORLD.iprobe(source=MPI.ANY_SOURCE, tag=ANSWER_TAG, status=status):
+                answers[status.Get_source()] = WORLD.recv(source=status.Get_source(), tag=ANSWER_TAG)
+            time.sleep(0.05)
+        del probes
+        return answers, [r for r in peers if r not in answers]
+
+    def _abort(self, what: str, elapsed: float, limit: float) -> None:
+        me = WORLD.Get_rank()
+        head = (f"[rank {me}] error: stalled for {elapsed:.0f} s waiting for {what} (--comm-timeout {limit:g})")
+        detail = ""
+        if self._probing:
+            grace = max(3.0, 3 * self._period)
+            answers, silent = self._ask_peers(grace)
+            if silent:
+                head += (f": no answer within {grace:.0f} s from {_ranks_on_nodes(silent)}: stopped, dead, or cut off "
+                         "from this rank by the network; aborting the job")
+            else:
+                head += ": every peer answered, so none is stopped: a lost message or mismatched calls; aborting the job"
+            detail = "".join(f"[rank {me}]   rank {r} {text}\n" for r, text in sorted(answers.items()))
+        else:
+            head += ": a peer stopped, or the network is down; aborting the job"
+        sys.stderr.write(head + "\n" + detail)
+        sys.stderr.flush()
+        time.sleep(0.5)  # let the launcher forward the lines before the job is torn down
+        WORLD.Abort(3)
+
+
+class TimedWatchdog:
+    """The process's watchdog with one timeout: ``waiting(what)`` registers a wait (a context manager)."""
+
+    __slots__ = ("dog", "timeout_s")
+
+    def __init__(self, dog: Watchdog, timeout_s: float):
+        self.dog, self.timeout_s = dog, timeout_s
+
+    def waiting(self, what: str):
+        return _Waiting(self.dog, what, self.timeout_s)
+
+
+def _ranks_on_nodes(ranks: list[int]) -> str:
+    """``rank 2 (node n1)`` / ``ranks 2-3 (node n1)``: ranks grouped by the node ``place()`` saw them on."""
+    by_node: dict[str | None, list[int]] = {}
+    for r in ranks:
+        by_node.setdefault(node_of(r), []).append(r)
+    parts = [f"rank{'s' if len(rs) > 1 else ''} {compact_cores(rs)}" + (f" (node {node})" if node else "")
+             for node, rs in by_node.items()]
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=None)
-def watchdog(timeout_s: float) -> Watchdog:
-    """The process's watchdog for ``timeout_s`` (one thread per distinct timeout, however many Runs)."""
-    return Watchdog(timeout_s)
+def _the_watchdog() -> Watchdog:
+    return Watchdog()
+
+
+def watchdog(timeout_s: float) -> TimedWatchdog:
+    """The process's watchdog (one thread, however many Runs and timeouts) for waits of ``timeout_s``."""
+    return _the_watchdog().timed(timeout_s)
 
 
 class _Waiting:
-    __slots__ = ("dog", "what")
+    __slots__ = ("dog", "what", "timeout_s")
 
-    def __init__(self, dog: Watchdog, what: str):
-        self.dog, self.what = dog, what
+    def __init__(self, dog: Watchdog, what: str, timeout_s: float):
+        self.dog, self.what, self.timeout_s = dog, what, timeout_s
 
     def __enter__(self):
         with self.dog._lock:
-            self.dog._waits[threading.get_ident()] = (self.what, time.monotonic())
+            self.dog._waits[threading.get_ident()] = (self.what, time.monotonic(), self.timeout_s)
 
     def __exit__(self, *exc):
         with self.dog._lock:
