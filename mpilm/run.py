@@ -191,10 +191,29 @@ class Run:
             "rng": rng,
         }
 
+    def resize_problem(self, state: dict) -> str | None:
+        """Why ``state``, written at another world size, cannot continue on this job's ranks (None: it can).
+
+        Synchronous training keeps the same model and optimizer state on every rank, so any rank's
+        copy continues at any world size (only the data order changes: each rank's block moves).
+        State that differs per rank cannot be shared out again: ZeRO-1's optimizer shards and a
+        compressor's error-feedback residuals.
+        """
+        if self.cfg.zero:
+            return "its optimizer state is sharded over those ranks (--zero 1)"
+        if state.get("compressor"):
+            return f"every rank holds its own error-feedback residuals (--compress {self.cfg.compress})"
+        return None
+
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.comm.Get_size() or state["rank"] != self.comm.Get_rank():
-            raise UsageError(f"state of rank {state['rank']} of {state['world_size']} cannot resume rank "
-                             f"{self.comm.Get_rank()} of {self.comm.Get_size()}: resume with the same number of ranks")
+        n_ranks, rank = self.comm.Get_size(), self.comm.Get_rank()
+        if state["world_size"] != n_ranks:
+            problem = self.resize_problem(state)
+            if problem:
+                raise UsageError(f"the checkpoint was written by {state['world_size']} ranks and this job has {n_ranks}, "
+                                 f"but {problem}: resume with {state['world_size']} ranks")
+        elif state["rank"] != rank:
+            raise UsageError(f"state of rank {state['rank']} cannot resume rank {rank}")
         with torch.no_grad():
             self.model.load_state_dict(state["model"])  # copies in place: the flat-buffer views stay
         self.optimizer.load_state_dict(state["optimizer"])

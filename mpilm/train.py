@@ -143,10 +143,13 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
     resumed_from = resume_point(cfg, comm)  # SYNC: every rank verifies its own file
     if resumed_from is not None:
         state, meta = checkpoint.load_rank(resumed_from, rank)
-        if meta["world_size"] != n_ranks:
-            raise UsageError(f"--resume {resumed_from}: written by {meta['world_size']} ranks, this job has {n_ranks}; "
-                             "resume with the same number of ranks")
-        job.load_state_dict(state)  # before anything else reads the model
+        if differ := checkpoint.config_mismatch(meta["config"], cfg.to_dict()):  # same on every rank: one meta.json
+            raise UsageError(f"--resume {resumed_from}: written with other options: {'; '.join(differ)}; resume with "
+                             "the options it was written with")
+        try:
+            job.load_state_dict(state)  # before anything else reads the model
+        except UsageError as err:  # the same verdict on every rank: it depends only on the config and the checkpoint
+            raise UsageError(f"--resume {resumed_from}: {err}") from None
     writer = checkpoint.Writer(ckpt_dir(cfg), comm, cfg.keep_ckpts) if cfg.ckpt_every else None
     # collective on first use (auto may look at the node layout), so every rank asks
     sizes = sorted({b.nbytes for b in grads.buckets})
@@ -183,6 +186,10 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
               f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
         if resumed_from is not None:
             print(f"resumed from {resumed_from} at step {job.step_index}")
+            if meta["world_size"] != n_ranks:
+                print(f"notice: the checkpoint was written by {meta['world_size']} rank(s), this job has {n_ranks}: "
+                      "every rank's block of the corpus moves, so the data order from here on differs from a run "
+                      f"that stayed at {meta['world_size']} (the model and optimizer continue unchanged)")
         elif cfg.resume == "auto":
             print(f"--resume auto: no complete checkpoint in {ckpt_dir(cfg)}: starting at step 0")
         if writer is not None:

@@ -87,3 +87,29 @@ def test_a_crash_mid_write_leaves_no_checkpoint_under_its_name(tmp_path):
     assert writer.finish() == tmp_path / "step-3"
     assert checkpoint.complete_checkpoints(tmp_path) == [tmp_path / "step-3"]
     assert checkpoint.verify(tmp_path / "step-3", 0) is None
+
+
+@pytest.mark.parametrize("resume_np, extra, ok", [
+    (3, [], True),                                      # more ranks: ranks 2.. take a copy of rank 0's state
+    (1, ["--compress", "fp16"], True),                  # fewer ranks; a stateless compressor
+    (3, ["--zero", "1"], False),                        # sharded optimizer state
+    (1, ["--compress", "topk", "--topk-ratio", "0.1"], False),  # per-rank residuals
+])
+def test_resume_at_another_world_size(tmp_path, resume_np, extra, ok):
+    """Synchronous state is the same on every rank, so it continues at any world size, with a notice;
+    per-rank state (ZeRO-1 shards, error-feedback residuals) is refused with one error line."""
+    from conftest import run_cli
+
+    args = ["-m", "mpilm.train", *TINY, "--steps", "6", "--ckpt-every", "3", "--out", str(tmp_path), *extra]
+    first = run_cli(args, np=2, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli([*args, "--steps", "8", "--resume", "auto"], np=resume_np, timeout=120)
+    if ok:
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"notice: the checkpoint was written by 2 rank(s), this job has {resume_np}" in again.stdout
+        assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == resume_np
+    else:
+        assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+        errors = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "written by 2 ranks and this job has" in errors[0] and \
+            "resume with 2 ranks" in errors[0], again.stderr[-2000:]
