@@ -31,6 +31,11 @@ COMPRESSORS = ("none", "fp16", "bf16", "topk")
 TOPK_AGGREGATES = ("allgather", "gtopk")
 DATA_IO = ("scatter", "mpiio")
 ZERO_STAGES = (0, 1)
+SYNC_MODES = ("sync", "local", "diloco")
+# options that mean something only in one --sync mode
+MODE_OPTIONS = {"local_steps": ("local", "diloco"), "local_average_optimizer": ("local",),
+                "outer_lr": ("diloco",), "outer_momentum": ("diloco",), "outer_nesterov": ("diloco",),
+                "momentum_correction": ("sync",)}
 # algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
@@ -56,11 +61,31 @@ def fraction(v):
     return None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"
 
 
+def path_text(v):
+    """A path option: not empty (that would silently mean the current directory), no NUL byte (no
+    system call takes one), and a leading ``~user`` naming a user this machine knows."""
+    if not v:
+        return "must not be empty"
+    if "\0" in v:
+        return "must not contain a NUL byte"
+    try:
+        Path(v).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory"
+        return "names the home directory of an unknown user"
+    return None
+
+
+INT64_RANGE = (-2**63, 2**63 - 1)  # whole numbers reach torch and MPI as C int64 (seeds, sizes, counts)
+COMM_POLL_US_MAX = 1e6  # a test-and-sleep period beyond a second is a stall, not politeness
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str | None = opt(None, "text file or directory of text files (default: the Python standard library's .py files)")
-    cache_dir: str = opt("~/.cache/mpilm", "where the token cache lives (one file per corpus, keyed by its file list, sizes and mtimes)")
+    data: str | None = opt(None, "text file or directory of text files (default: the Python standard library's .py files)",
+                           check=path_text)
+    cache_dir: str = opt("~/.cache/mpilm", "where the token cache lives (one file per corpus, keyed by its file list, sizes and mtimes)",
+                         check=path_text)
     val_fraction: float = opt(0.01, "last fraction of the tokens kept for validation", check=fraction)
     data_io: str = opt("scatter", "how ranks get their block: scatter (rank 0 sends with Scatterv) or mpiio (each rank reads its range)", choices=DATA_IO)
     # model
@@ -95,14 +120,27 @@ class TrainConfig:
                                      "memory copy on the same cores: nothing to hide, and the thread costs ~3%%)")
     comm_poll_us: float = opt(COMM_POLL_US_DEFAULT, "with --overlap: the communication thread waits on its peers by testing "
                                                     "every N microseconds and sleeping in between, leaving the cores to "
-                                                    "backward (0: MPI's own busy-polling wait)", check=non_negative)
+                                                    "backward (0: MPI's own busy-polling wait; at most 1000000, a "
+                                                    "second)",
+                            check=lambda v: None if 0 <= v <= COMM_POLL_US_MAX else f"must be in [0, {COMM_POLL_US_MAX:.0f}]")
     comm_priority: int = opt(10, "with --overlap: run the communication thread this many nice levels ahead of the "
                                  "compute thread (raised if permitted, else the compute thread is lowered; 0: equal)",
                              check=lambda v: None if 0 <= v <= 19 else "must be in [0, 19]")
     zero: int = opt(0, "ZeRO stage: 1 shards the optimizer state over the ranks (reduce-scatter the gradients, "
                        "step this rank's shard, allgather the parameters)", choices=ZERO_STAGES)
+    # how the ranks' steps talk (mpilm/modes/)
+    sync: str = opt("sync", "sync: average gradients every step; local: each rank steps alone, parameters averaged "
+                            "every --local-steps; diloco: --local-steps inner steps, then the averaged pseudo-gradient "
+                            "feeds an outer Nesterov SGD (arXiv 2311.08105)", choices=SYNC_MODES)
+    local_steps: int = opt(16, "local/diloco: steps each rank takes between exchanges (H)", check=positive)
+    local_average_optimizer: bool = opt(False, "local: also average the optimizer state (moments) at each exchange")
+    outer_lr: float = opt(0.7, "diloco: the outer optimizer's learning rate", check=positive)
+    outer_momentum: float = opt(0.9, "diloco: the outer optimizer's momentum",
+                                check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    outer_nesterov: bool = opt(True, "diloco: Nesterov momentum in the outer optimizer")
     # gradient compression
-    compress: str = opt("none", "gradient compression on the wire", choices=COMPRESSORS)
+    compress: str = opt("none", "gradient compression on the wire (with --sync diloco: of the pseudo-gradients)",
+                        choices=COMPRESSORS)
     topk_ratio: float = opt(0.01, "topk: fraction of each bucket's entries sent per step (density)",
                             check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
     error_feedback: bool = opt(True, "topk: keep what was not sent in a local residual and add it next step")
@@ -115,8 +153,9 @@ class TrainConfig:
     eval_batches: int = opt(8, "validation batches (of --batch-size sequences, spread over all ranks) per evaluation", check=positive)
     log_every: int = opt(10, "print and record metrics every N steps", check=positive)
     sample: int = opt(0, "print N generated characters from rank 0 at the end", check=non_negative)
-    out: str | None = opt(None, "output directory (default: runs/<timestamp>)")
-    trace: str | None = opt(None, "write a Chrome trace (open in ui.perfetto.dev or chrome://tracing) of every rank's phases and per-bucket collectives to this JSON file")
+    out: str | None = opt(None, "output directory (default: runs/<timestamp>)", check=path_text)
+    trace: str | None = opt(None, "write a Chrome trace (open in ui.perfetto.dev or chrome://tracing) of every rank's phases and per-bucket collectives to this JSON file",
+                            check=path_text)
     comm_timeout: float = opt(300.0, "abort the job when a wait on the other ranks (a gradient bucket, an evaluation, "
                                      "a checkpoint) lasts longer than this many seconds, naming what it waited for",
                               check=positive)
@@ -125,10 +164,11 @@ class TrainConfig:
     # checkpoints
     ckpt_every: int = opt(0, "write a checkpoint (every rank's state, in the background) every N steps; 0: none",
                           check=non_negative)
-    ckpt_dir: str | None = opt(None, "where checkpoints go, one directory step-<N> each (default: <out>/ckpt)")
+    ckpt_dir: str | None = opt(None, "where checkpoints go, one directory step-<N> each (default: <out>/ckpt)",
+                               check=path_text)
     keep_ckpts: int = opt(3, "keep the newest N complete checkpoints (0: keep all)", check=non_negative)
     resume: str | None = opt(None, "continue from a checkpoint: a step-<N> directory, or auto (the newest complete "
-                                   "one in --ckpt-dir; none there: start from step 0)")
+                                   "one in --ckpt-dir; none there: start from step 0)", check=path_text)
     trace_steps: int = opt(20, "how many steps --trace records, from the first (bounds its memory and file size)", check=positive)
 
     # ---- derived helpers
@@ -152,12 +192,22 @@ def _type_of(f) -> type:
     return str
 
 
+_KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text"}
+
+
+def _is_kind(value, kind: type) -> bool:
+    """``value`` is of the option's kind (a whole number also counts as a number; a bool as neither)."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
 def _number(kind: type):
     def convert(text: str):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_KIND_WORDS[kind]}, got {text!r}") from None
 
     return convert
 
@@ -205,8 +255,10 @@ def _read_toml(path: str) -> dict:
     try:
         with p.open("rb") as fh:
             table = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:  # TOML is UTF-8 text: a binary file is neither
         raise UsageError(f"--config {path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read ({err.strerror or err})") from None
     known = {f.name: f for f in _fields()}
     values = {}
     for key, value in table.items():
@@ -216,7 +268,7 @@ def _read_toml(path: str) -> dict:
         kind = _type_of(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if value is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if value is not None and not _is_kind(value, kind):
             raise UsageError(f"--config {path}: '{key}' = {value!r}: expected {kind.__name__}")
         values[name] = value
     return values
@@ -227,12 +279,16 @@ def check(cfg: TrainConfig) -> TrainConfig:
     for f in _fields():
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
+        if value is not None and not _is_kind(value, _type_of(f)):  # e.g. argparse's [] for "--lr=--"
+            raise UsageError(f"{flag} {value!r}: expected {_KIND_WORDS[_type_of(f)]}")
         choices = f.metadata["choices"]
         if choices and value not in choices:
             raise UsageError(f"{flag} {value}: expected one of {', '.join(map(str, choices))}")
         problem = f.metadata["check"](value) if f.metadata["check"] and value is not None else None
         if isinstance(value, float) and not math.isfinite(value):
             problem = "must be a finite number"
+        if type(value) is int and not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            problem = "must fit in 64 bits (-2**63 to 2**63-1)"
         if problem:
             raise UsageError(f"{flag} {value}: {problem}")
     if cfg.momentum_correction and (cfg.compress != "topk" or cfg.optimizer != "sgd"):
@@ -245,6 +301,20 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.zero == 1 and cfg.allreduce not in SHARDED_ALGORITHMS:
         raise UsageError(f"--zero 1 with --allreduce {cfg.allreduce}: it needs an algorithm with reduce-scatter and "
                          f"allgather halves ({', '.join(SHARDED_ALGORITHMS)})")
+    defaults = {f.name: f.default for f in _fields()}
+    for name, modes in MODE_OPTIONS.items():
+        if cfg.sync not in modes and getattr(cfg, name) != defaults[name]:
+            raise UsageError(f"--{name.replace('_', '-')} applies only with --sync {' or '.join(modes)} "
+                             f"(this run has --sync {cfg.sync})")
+    if cfg.sync != "sync" and cfg.zero:
+        raise UsageError(f"--sync {cfg.sync} with --zero 1: every rank steps its own full optimizer between "
+                         "exchanges; use --zero 0")
+    if cfg.sync != "sync" and cfg.overlap:
+        raise UsageError(f"--sync {cfg.sync} with --overlap: no gradients are exchanged during backward; "
+                         "drop --overlap")
+    if cfg.sync == "local" and cfg.compress != "none":
+        raise UsageError(f"--sync local with --compress {cfg.compress}: parameters are averaged uncompressed; "
+                         "--sync diloco compresses its exchange (pseudo-gradients, with error feedback for topk)")
     if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     return cfg
@@ -258,7 +328,7 @@ def parse(argv: list[str] | None = None, quiet: bool = False, run_name: str | No
     apart: the trainer passes rank 0's).
     """
     args = vars(build_parser(quiet).parse_args(argv))
-    values = _read_toml(args.pop("config")) if args.get("config") else {}
+    values = _read_toml(args.pop("config")) if args.get("config") is not None else {}
     args.pop("config", None)
     values.update(args)
     cfg = TrainConfig(**values)

@@ -34,7 +34,7 @@ import torch
 from mpi4py import MPI
 
 import mpilm
-from mpilm import config, data, models, optim
+from mpilm import config, data, models, modes, optim
 from mpilm.comm import collectives, compress, world
 from mpilm.comm.compress import BucketTiming
 from mpilm.comm.grad_sync import GradBuffer, broadcast_
@@ -80,6 +80,7 @@ class Run:
     watchdog: world.TimedWatchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
     skipped_steps: int = 0  # steps whose averaged gradient was not finite: no update
     bad_in_a_row: int = 0
+    mode: object = None  # --sync local|diloco: modes.LocalSGD / modes.DiLoCo, called after every step; None: sync
 
     # ---------------------------------------------------------------- one step
     def step(self) -> torch.Tensor:
@@ -117,6 +118,8 @@ class Run:
             if finite:
                 self.optimizer.inner_step() if cfg.zero else self.optimizer.step()
         self._count_bad(finite, step)
+        if self.mode is not None:
+            self.mode.after_step(step + 1, timer)  # SYNC at every --local-steps boundary
         if cfg.zero and finite:
             with timer.phase("comm"), self.watched(f"the ZeRO-1 allgather of the parameters in step {step}"):
                 seconds = self.optimizer.gather()  # SYNC: every rank's updated shard reaches every rank
@@ -137,7 +140,8 @@ class Run:
             print(f"warning: step {step + 1}: the averaged gradient's norm is not finite; the update is skipped "
                   f"({self.bad_in_a_row} in a row)", file=sys.stderr, flush=True)
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
-            raise UsageError(f"{self.bad_in_a_row} steps in a row (the last: step {step + 1}) had a non-finite gradient "
+            # sync: the averaged norm, so every rank stops alike; local modes: this rank's own norm
+            raise UsageError(collective=self.mode is None, message=f"{self.bad_in_a_row} steps in a row (the last: step {step + 1}) had a non-finite gradient "
                              f"norm (--max-bad-steps {self.cfg.max_bad_steps}): lower --lr, raise --warmup-steps, or "
                              "check the data")
 
@@ -188,6 +192,7 @@ class Run:
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": _cloned(self.optimizer.state_dict()),
             "compressor": _cloned(self.reducer.state_dict()) if self.reducer is not None else {},
+            "mode": _cloned(self.mode.state_dict()) if self.mode is not None else {},
             "rng": rng,
         }
 
@@ -201,6 +206,8 @@ class Run:
         """
         if self.cfg.zero:
             return "its optimizer state is sharded over those ranks (--zero 1)"
+        if self.mode is not None:
+            return f"every rank holds its own parameters between exchanges (--sync {self.cfg.sync})"
         if state.get("compressor"):
             return f"every rank holds its own error-feedback residuals (--compress {self.cfg.compress})"
         return None
@@ -219,6 +226,8 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.reducer is not None:
             self.reducer.load_state_dict(state["compressor"])
+        if self.mode is not None:
+            self.mode.load_state_dict(state["mode"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -277,6 +286,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     grad_comm = comm.Dup()  # collective: the communication thread's own communicator
     collectives.prepare(grad_comm)  # collective first-use set-up, before the comm thread may run
     compressor = None
+    if reducer == "config" and cfg.sync == "local":
+        reducer = None  # no gradient exchange: the mode averages parameters every --local-steps
     if reducer == "config":
         # topk builds or loads the C++ kernels here, not in step 1
         compressor = compress.make_compressor(
@@ -285,7 +296,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
             local_clip=cfg.local_clip, warmup_steps=cfg.topk_warmup_steps).bind(grad_comm, cfg.allreduce)
     # gradients in node shared memory when an algorithm may read peers' memory directly
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, grad_comm, device,
-                       shared_memory=cfg.allreduce in ("shm", "hier", "auto"), reducer=compressor,
+                       shared_memory=cfg.allreduce in ("shm", "hier", "auto"),
+                       reducer=compressor if cfg.sync == "sync" else None,  # local/diloco: no per-step exchange
                        shard=cfg.zero == 1,
                        poll_s=cfg.comm_poll_us * 1e-6 if cfg.comm_poll_us > 0 else None,
                        priority_levels=cfg.comm_priority, watchdog=watchdog)  # SYNC: map check
@@ -301,12 +313,15 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
         optimizer = optim.Zero1(grads, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum, grad_comm, cfg.allreduce)
     else:
         optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
+    mode = modes.make(cfg, grads, grad_comm, optimizer, compressor)
     tracer = Tracer(comm.Get_rank(), cfg.trace_steps) if cfg.trace else None
     timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     forward_model = wrap(model) if wrap is not None else model
-    return Run(cfg, comm, grad_comm, device, corpus, model, forward_model, grads, compressor, optimizer, timer,
-               tracer, autocast, overlap_reason=why, watchdog=watchdog)
+    # the Run's reducer is the per-step gradient exchange's; diloco's compressor belongs to its mode
+    return Run(cfg, comm, grad_comm, device, corpus, model, forward_model, grads,
+               compressor if cfg.sync == "sync" else None, optimizer, timer,
+               tracer, autocast, overlap_reason=why, watchdog=watchdog, mode=mode)
 
 
 def check_consistent(fields: dict, comm: MPI.Comm, what: str) -> None:
@@ -342,6 +357,8 @@ def decide_overlap(cfg: config.TrainConfig, grads: GradBuffer, comm: MPI.Comm, d
     same cores that backward uses: measured 2-3% slower with the thread than without (README).
     Collective when ``auto`` loads its rules; the verdict uses replicated values only.
     """
+    if cfg.sync != "sync":
+        return False, f"off (--sync {cfg.sync}: no gradient exchange during backward)"
     if grads.reducer is None:
         return False, "off (gradients averaged elsewhere)"
     if cfg.overlap is not None:

@@ -172,8 +172,10 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
         if grads.overlap:
             print(f"communication thread: {grads.priority}; waits by polling every {cfg.comm_poll_us:g} us"
                   if cfg.comm_poll_us > 0 else f"communication thread: {grads.priority}; MPI's busy wait")
-        if cfg.compress != "none":
+        if job.reducer is not None and cfg.compress != "none":
             print(f"compression {job.reducer.describe()}")
+        if job.mode is not None:
+            print(job.mode.describe())
         if auto_choice:
             print("auto allreduce per bucket size: " + ", ".join(f"{size / 2**20:.2f} MiB -> {algo}" for size, algo in auto_choice))
         if shm_path:
@@ -334,6 +336,7 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         "comm_total_s": comm_total,
         "comm_hidden_share": hidden,
         "skipped_steps": job.skipped_steps,
+        "sync": cfg.sync,
         "overlap": job.grads.overlap,
         "zero": cfg.zero,
         "optimizer_state_bytes_per_rank": state_mean,

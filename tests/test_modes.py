@@ -1,0 +1,89 @@
+"""--sync local|diloco: the equivalences that pin them down, bit-exact resume, and their usage errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpilm import checkpoint, config, train
+from mpilm.errors import UsageError
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--log-every", "2", "--eval-every", "100", "--eval-batches", "1", "--bucket-mb", "0.01", "--grad-clip", "0"]
+PLAIN_SGD = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.05", "--warmup-steps", "0"]
+
+
+def shared_tmp(tmp_path_factory, name):
+    comm = MPI.COMM_WORLD
+    return Path(comm.bcast(str(tmp_path_factory.mktemp(name)) if comm.rank == 0 else None))
+
+
+def final_params(root: Path, name: str, args: list[str]) -> dict:
+    train.run([*TINY, "--out", str(root / name), *args])
+    return checkpoint.load(root / name / "model.pt")["model"]
+
+
+def assert_close(a: dict, b: dict, tol: float):
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=tol, atol=tol), (name, (a[name] - b[name]).abs().max())
+
+
+@pytest.mark.mpi(min_size=2)
+def test_local_sgd_with_one_step_equals_sync_and_diloco_with_one_plain_outer_step_equals_local(tmp_path_factory):
+    root = shared_tmp(tmp_path_factory, "modes")
+    steps = ["--steps", "6"]
+    sync = final_params(root, "sync", [*steps, *PLAIN_SGD])
+    local = final_params(root, "local", [*steps, *PLAIN_SGD, "--sync", "local", "--local-steps", "1"])
+    assert_close(sync, local, 1e-5)  # avg(p - lr g_r) == p - lr avg(g_r), up to rounding
+    # the inner optimizer is AdamW here: diloco with H=1, outer lr 1, no momentum is local SGD with H=1
+    local_adam = final_params(root, "local_adam", [*steps, "--sync", "local", "--local-steps", "1"])
+    diloco = final_params(root, "diloco", [*steps, "--sync", "diloco", "--local-steps", "1", "--outer-lr", "1",
+                                          "--outer-momentum", "0"])
+    assert_close(local_adam, diloco, 1e-5)
+    # and H > 1 really lets the ranks drift apart between exchanges (not a disguised sync)
+    assert not all(torch.equal(sync[k], final_params(root, "local4", [*steps, *PLAIN_SGD, "--sync", "local",
+                                                                       "--local-steps", "4"])[k]) for k in sync)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("extra", [["--sync", "local", "--local-steps", "3", "--local-average-optimizer"],
+                                   ["--sync", "diloco", "--local-steps", "3", "--compress", "topk",
+                                    "--topk-ratio", "0.1"]])
+def test_local_modes_resume_bit_identically(tmp_path_factory, extra):
+    comm = MPI.COMM_WORLD
+    root = shared_tmp(tmp_path_factory, "resume-modes")
+    straight = root / "straight"
+    train.run([*TINY, "--steps", "10", "--ckpt-every", "4", "--out", str(straight), *extra])
+    again = root / "again"
+    if comm.rank == 0:
+        again.mkdir()
+        shutil.copytree(straight / "ckpt", again / "ckpt")
+        shutil.rmtree(again / "ckpt" / "step-8")  # "killed between step 4 and step 8"
+    comm.Barrier()
+    summary = train.run([*TINY, "--steps", "10", "--ckpt-every", "4", "--out", str(again), "--resume", "auto", *extra])
+    assert summary["sync"] == extra[1]
+    if comm.rank == 0:
+        a, b = (checkpoint.load(p / "model.pt")["model"] for p in (straight, again))
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--local-steps", "0"], "--local-steps 0: must be > 0"),
+    (["--sync", "async-ish"], "--sync async-ish: expected one of sync, local, diloco"),
+    (["--outer-lr", "0.5"], "--outer-lr applies only with --sync diloco (this run has --sync sync)"),
+    (["--sync", "local", "--outer-momentum", "0.5"], "--outer-momentum applies only with --sync diloco"),
+    (["--local-steps", "8"], "--local-steps applies only with --sync local or diloco"),
+    (["--sync", "diloco", "--local-average-optimizer"], "--local-average-optimizer applies only with --sync local"),
+    (["--sync", "local", "--zero", "1"], "--sync local with --zero 1"),
+    (["--sync", "diloco", "--overlap"], "--sync diloco with --overlap"),
+    (["--sync", "local", "--compress", "fp16"], "--sync local with --compress fp16"),
+    (["--sync", "diloco", "--outer-momentum", "1"], "--outer-momentum 1.0: must be in [0, 1)"),
+])
+def test_mode_options_are_checked(args, needle):
+    with pytest.raises(UsageError) as err:
+        config.parse(args)
+    assert needle in str(err.value)
