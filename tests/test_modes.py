@@ -87,3 +87,9 @@ def test_mode_options_are_checked(args, needle):
     with pytest.raises(UsageError) as err:
         config.parse(args)
     assert needle in str(err.value)
+
+
+def test_the_mode_names_match_the_modes_package():
+    from mpilm import modes
+
+    assert config.SYNC_MODES == modes.MODES
