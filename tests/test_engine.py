@@ -133,13 +133,18 @@ def test_run_state_dict_round_trips(extra):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_state_of_another_world_size_is_refused():
-    cfg = config.parse([*TINY, "--steps", "2"])
+@pytest.mark.parametrize("extra, refused", [([], None), (["--zero", "1"], "sharded over those ranks"),
+                                            (["--sync", "local", "--local-steps", "2"], "its own parameters")])
+def test_state_of_another_world_size_continues_only_when_no_rank_holds_its_own(extra, refused):
+    cfg = config.parse([*TINY, "--steps", "2", *extra])
     job = run.build(cfg)
     state = job.state_dict()
     state["world_size"] += 1
-    with pytest.raises(UsageError, match="same number of ranks"):
-        job.load_state_dict(state)
+    if refused is None:
+        job.load_state_dict(state)  # synchronous: every rank's copy is the same
+    else:
+        with pytest.raises(UsageError, match=refused):
+            job.load_state_dict(state)
     job.close()
 
 
