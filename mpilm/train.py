@@ -82,7 +82,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     # the default --out is named by rank 0's clock, so every rank writes to the same run directory
     stamp = comm.bcast(time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None, root=0)
     cfg = config.parse(argv, quiet=rank != 0, run_name=stamp)
-    unwritable = _first_problem(comm, _write_problem(cfg, rank))  # SYNC: before any work, one verdict
+    unwritable = checkpoint.first_problem(comm, _write_problem(cfg, rank))  # SYNC: before any work, one verdict
     if unwritable:
         raise UsageError(unwritable)
     t_load = time.perf_counter()
@@ -107,23 +107,18 @@ def resume_point(cfg: config.TrainConfig, comm: MPI.Comm) -> Path | None:
     rank = comm.Get_rank()
     if cfg.resume != "auto":
         path = Path(cfg.resume).expanduser()
-        bad = _first_problem(comm, checkpoint.verify(path, rank) if path.is_dir() else f"{path}: no such checkpoint directory")
+        bad = checkpoint.first_problem(comm, checkpoint.verify(path, rank) if path.is_dir() else f"{path}: no such checkpoint directory")
         if bad:
             raise UsageError(f"--resume {cfg.resume}: {bad}")
         return path
     candidates = checkpoint.complete_checkpoints(ckpt_dir(cfg)) if rank == 0 else None
     for path in reversed(comm.bcast(candidates, root=0)):  # the same list on every rank: rank 0's view
-        bad = _first_problem(comm, checkpoint.verify(path, rank))
+        bad = checkpoint.first_problem(comm, checkpoint.verify(path, rank))
         if bad is None:
             return path
         if rank == 0:
             print(f"warning: --resume auto: {bad}; trying the previous checkpoint", file=sys.stderr, flush=True)
     return None
-
-
-def _first_problem(comm: MPI.Comm, mine: str | None) -> str | None:
-    """SYNC: the lowest rank's problem (None if no rank has one): the same verdict on every rank."""
-    return next((p for p in comm.allgather(mine) if p), None)
 
 
 def ckpt_dir(cfg: config.TrainConfig) -> Path:
