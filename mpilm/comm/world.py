@@ -23,6 +23,8 @@ What it does:
 - ``run_main(fn)``: the error policy of every entry point: ``UsageError`` -> ``error: ...`` and
   exit 2; any other exception -> ``[rank r]`` traceback and ``MPI.COMM_WORLD.Abort`` so the job
   never hangs on a dead rank.
+- ``launch_problem()``: a launcher (``srun``, ``mpiexec``, PBS) that started N processes which MPI
+  sees as N separate 1-rank jobs; ``run_main`` stops them with ``error: ...``, exit 2 on each.
 
 What it does not: no collectives (``collectives.py``), no knowledge of models or data; it does
 not bind ranks to cores (the launcher, taskset, cgroups or Slurm do), it only reads the masks.
@@ -458,6 +460,65 @@ def mpi_description() -> str:
     return f"{library_version()} | thread level {thread_level_name(MPI.Query_thread())} | CUDA-aware: {aware}"
 
 
+# ---------------------------------------------------------------- launch sanity
+def _task_count(env, *names: str) -> int | None:
+    for name in names:
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launch_problem(env=None, world_size: int | None = None, library: str | None = None) -> str | None:
+    """Why this launch is wrong, as one line for ``error: ...``, or None when it is fine.
+
+    Does: catch a launcher that started N > 1 processes which MPI sees as N separate jobs of one
+    rank (world size 1), so the run would train N times, unaware: a plain ``srun -n N`` (no PMI
+    for MPI to join), ``srun --mpi=TYPE`` with a TYPE this MPI library does not speak, or the
+    ``mpiexec`` / ``mpirun`` of another MPI than the one mpi4py runs. Read from ``env`` (default
+    ``os.environ``), the innermost launcher first: Open MPI's ``OMPI_COMM_WORLD_SIZE``; PMI's
+    ``PMI_SIZE`` (Hydra, Intel MPI, ``srun --mpi=pmi2``), where a size of 1 settles it (an MPI
+    launcher started this one rank, e.g. Hydra's proxy inside a Slurm step); inside an srun step
+    (``SLURM_STEP_ID`` set) ``SLURM_STEP_NUM_TASKS`` / ``SLURM_NTASKS`` / ``SLURM_NPROCS``, with
+    ``SLURM_MPI_TYPE`` for the wording. Inside a PBS job (``PBS_JOBID``) the advice names its node
+    file. ``world_size`` and ``library`` default to MPI's own answers.
+
+    Does not: object to a world larger than 1, or to one process in a batch script: ``sbatch``
+    and ``salloc`` set ``SLURM_NTASKS`` but no ``SLURM_STEP_ID`` there, and PBS starts only the
+    script. Limits: ``pbsdsh`` gives its tasks nothing that tells them from the batch script, so N
+    copies it started are not caught; one process in an interactive many-task step
+    (``srun -n 4 --pty bash``) is refused like a plain ``srun -n 4`` (use ``salloc``).
+    """
+    env = os.environ if env is None else env
+    if (WORLD.Get_size() if world_size is None else world_size) > 1:
+        return None
+    library = library or library_version()
+    ompi = _task_count(env, "OMPI_COMM_WORLD_SIZE")
+    if ompi is not None:
+        return None if ompi <= 1 else (
+            f"Open MPI's mpirun started {ompi} separate 1-rank jobs: mpi4py runs {library}, not Open MPI; "
+            f"launch with {library}'s own mpiexec, or build mpi4py against Open MPI (make install MPICH=)")
+    pmi = _task_count(env, "PMI_SIZE")
+    if pmi is not None and pmi <= 1:
+        return None
+    if "SLURM_STEP_ID" in env or "SLURM_STEPID" in env:
+        tasks = _task_count(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") or pmi or 1
+        mpi_type = env.get("SLURM_MPI_TYPE", "none").strip() or "none"
+        if tasks > 1 and mpi_type == "none":
+            return f"srun started {tasks} separate 1-rank jobs; launch with srun --mpi=pmi2 (or pmix), or mpiexec"
+        if tasks > 1:
+            return (f"srun --mpi={mpi_type} started {tasks} separate 1-rank jobs: {library} did not join srun's "
+                    f"{mpi_type}; launch with another --mpi type (srun --mpi=list; pmi2 or pmix), or mpiexec")
+    if pmi is not None:
+        where = f" in PBS job {env['PBS_JOBID']}" if "PBS_JOBID" in env else ""
+        nodes = " -f $PBS_NODEFILE" if where else ""
+        venv_mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        venv = f" (this Python's: {venv_mpiexec})" if os.access(venv_mpiexec, os.X_OK) else ""
+        return (f"mpiexec started {pmi} separate 1-rank jobs{where}: its process manager is not that of {library}, "
+                f"the MPI mpi4py runs; launch with that library's own mpiexec{nodes}{venv}")
+    return None
+
+
 # ---------------------------------------------------------------- error policy
 def say(msg: str, *, all_ranks: bool = False) -> None:
     """Rank 0 speaks; other ranks only when ``all_ranks`` (then prefixed ``[rank r]``)."""
@@ -623,12 +684,17 @@ class _Waiting:
 def run_main(fn, *args, **kwargs) -> int:
     """Run an entry point under the project's error policy and return its exit status.
 
+    - First ``launch_problem()``: N processes that should have been one job -> ``error: ...``
+      from each, every one exits 2.
     - UsageError raised collectively: rank 0 prints ``error: ...``, every rank exits 2.
     - UsageError with ``collective=False`` (only this rank knows): print it and abort with 2.
     - Any other exception: ``[rank r]`` traceback, then ``Abort(1)``: peers blocked in a
       collective are killed instead of waiting forever.
     """
     try:
+        problem = launch_problem()  # N processes that MPI sees as N 1-rank jobs: stop before any work
+        if problem:
+            raise UsageError(problem)
         fn(*args, **kwargs)
         return 0
     except UsageError as err:
