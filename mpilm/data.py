@@ -113,9 +113,14 @@ def build_cache(data: str | None, cache_dir: str) -> tuple[Path, dict, bool]:
     if path.exists():
         try:
             return path, read_header(path), False
-        except ValueError:
-            pass  # a stale or foreign file under our name: rebuild it
-    chunks = [np.fromfile(p, dtype=np.uint8) for p in files]
+        except (ValueError, OSError):
+            pass  # a stale, foreign or unreadable file under our name: rebuild it
+    chunks = []
+    for p in files:
+        try:
+            chunks.append(np.fromfile(p, dtype=np.uint8))
+        except OSError as err:  # unreadable (permissions), or gone since it was listed
+            raise UsageError(f"--data {data or default_corpus()}: cannot read {p} ({err.strerror or err})") from None
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
     if tokens.size == 0:
         raise UsageError(f"--data {data or default_corpus()}: the corpus has no bytes")

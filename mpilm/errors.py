@@ -12,5 +12,6 @@ class UsageError(Exception):
     """A problem with the user's input, reported as ``error: ...`` and exit status 2."""
 
     def __init__(self, message: str, *, collective: bool = True):
-        super().__init__(message)
+        # one line whatever it quotes (a value or path holding a line break): line breaks shown escaped
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
         self.collective = collective

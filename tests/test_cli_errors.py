@@ -61,9 +61,7 @@ def test_bad_corpora(corpora, tmp_path, name, extra, needle):
     (["--bucket-mb", "-1"], "--bucket-mb -1.0: must be > 0"),
     (["--zero", "1", "--compress", "topk"], "--zero 1 with --compress topk"),
     (["--zero", "1", "--allreduce", "tree"], "--zero 1 with --allreduce tree"),
-    (["--comm-timeout", "0"], "--comm-timeout 0.0: must be > 0"),
     (["--max-bad-steps", "0"], "--max-bad-steps 0: must be > 0"),
-    (["--keep-ckpts", "-1"], "--keep-ckpts -1: must be >= 0"),
 ])
 def test_bad_options_added_since_the_spine(tmp_path, args, needle):
     assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, "--out", str(tmp_path), *args], np=2, timeout=60), needle)
@@ -111,8 +109,8 @@ def test_resume_with_other_model_options_names_them(checkpointed, tmp_path):
     args = ["-m", "mpilm.train", *CKPT_RUN, "--steps", "4", "--out", str(tmp_path), "--resume", str(ckpt / "step-2"),
             "--model", "lstm", "--n-embd", "32"]
     assert_usage_error(run_cli(args, np=2, timeout=60),
-                       f"error: --resume {ckpt / 'step-2'}: written with other options: --model 'gpt' (this run: "
-                       "'lstm'); --n-embd 16 (this run: 32); resume with the options it was written with"[7:])
+                       f"--resume {ckpt / 'step-2'}: written with other options: --model 'gpt' (this run: 'lstm'); "
+                       "--n-embd 16 (this run: 32); resume with the options it was written with")
 
 
 def truncated_copy(ckpt, tmp_path):
