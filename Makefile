@@ -65,6 +65,17 @@ test-multinode: install
 
 bench: install
 	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
+# the batch scripts of batch/ under a real Slurm on this machine (tests/test_slurm.py through
+# tests/local_slurm.py): Debian's slurm-wlm and munge installed when missing, munged, slurmctld and
+# slurmd started from a configuration generated in a temp dir (one node, state and spool there),
+# every daemon stopped by pid at the end, also when a check fails or the timeout's SIGTERM comes;
+# about 2 minutes; needs root, skipped with the reason otherwise
+.PHONY: test-slurm
+test-slurm: install
+	@if [ "$$(id -u)" != 0 ]; then echo "== Slurm tests skipped: they install slurm-wlm and run its daemons as root"; exit 0; fi; \
+	echo "== Slurm tests: the batch scripts under a local slurmctld + slurmd"; \
+	MPILM_SLURM_TESTS=1 timeout --signal=TERM --kill-after=30 300 $(BIN)/python -m pytest -q tests/test_slurm.py
+
 
 # compression and shared-memory allreduce kernels (C++, plus CUDA when torch sees a GPU) built
 # ahead of time into the cache; without this the first use JIT-builds them (~40 s); exits 1 when

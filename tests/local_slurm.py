@@ -46,7 +46,9 @@ def install() -> None:
     if all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in DAEMONS):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+    wait_for_lock = ["-o", "DPkg::Lock::Timeout=300"]  # another apt-get (make test-system-mpi) may hold it
+    for argv in (["apt-get", *wait_for_lock, "update", "-qq"],
+                 ["apt-get", *wait_for_lock, "install", "-y", "-qq", *PACKAGES]):
         done = subprocess.run(argv, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()[-2000:]}")
