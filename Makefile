@@ -1,11 +1,13 @@
 # mpilm: `make train` and `make test` are all a fresh machine needs (they create .venv first).
 # Overridable: PYTHON, VENV, TORCH (pin; unpinned torch pulls a multi-GB CUDA build), MPICH
-# (set MPICH= to use a system MPI: mpi4py is then built against the mpicc on PATH), NP, ARGS.
+# (set MPICH= to use a system MPI: mpi4py is then built against $(MPICC), the mpicc on PATH unless
+# set), NP, ARGS.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 MPICH ?= mpich
+MPICC ?= mpicc
 NP ?= 2
 ARGS ?=
 TIMEOUT ?= 900
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(if $(MPICH),$(BIN)/pip install -q $(MPICH),env MPICC=mpicc $(BIN)/pip install -q --no-binary mpi4py mpi4py)
+	$(if $(MPICH),$(BIN)/pip install -q $(MPICH),env MPICC=$(MPICC) $(BIN)/pip install -q --no-binary mpi4py mpi4py)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
@@ -82,6 +84,39 @@ test-slurm: install
 # they cannot be built
 kernels: install
 	$(BIN)/python -m mpilm.kernels
+
+# the GPU path on a GPU machine, in one script of at most 8 minutes (tools/gpu-check.sh): the CUDA
+# kernels built with nvcc, tests/gpu at -np 2, bench allreduce on CUDA buffers at -np 1 and 2, and a
+# 200-step bf16 run of an 85M-parameter GPT on one GPU; every table, JSON and PNG in $(OUT) when
+# set, else runs/gpu-check. DRY=1: the same stages on the CPU at toy sizes (no GPU needed)
+DRY ?= 0
+.PHONY: gpu-check
+gpu-check: install
+	DRY=$(DRY) VENV=$(VENV) tools/gpu-check.sh $(or $(OUT),runs/gpu-check)
+
+# the distributed tests at -np 2 under Open MPI, the MPI most clusters run, instead of the wheel's
+# MPICH: Debian's openmpi-bin and libopenmpi-dev are installed when missing (apt-get, as root), and
+# `make install` builds mpi4py against Open MPI's mpicc into its own venv, $(OMPI_VENV) (torch as
+# pinned by TORCH); .venv is not touched. As root (containers, CI) Open MPI's mpirun refuses to start
+# without --allow-run-as-root, and refuses more ranks than the cores it counts without
+# --oversubscribe, so both are passed then (and only then): OMPI_ROOT_FLAGS, printed with the command.
+OMPI_VENV ?= .venv-ompi
+OMPI_MPICC ?= mpicc.openmpi
+OMPI_MPIRUN ?= mpirun.openmpi
+OMPI_ROOT_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-run-as-root --oversubscribe)
+.PHONY: test-system-mpi
+test-system-mpi:
+	@if ! command -v $(OMPI_MPICC) >/dev/null || ! command -v $(OMPI_MPIRUN) >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "error: Open MPI ($(OMPI_MPIRUN), $(OMPI_MPICC)) is not installed; as root: apt-get install openmpi-bin libopenmpi-dev" >&2; exit 2; fi; \
+	  echo "== installing Debian's Open MPI (openmpi-bin, libopenmpi-dev)"; \
+	  apt-get -q update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 \
+	    install --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null; \
+	fi
+	$(MAKE) --no-print-directory install VENV=$(OMPI_VENV) MPICH= MPICC=$(OMPI_MPICC)
+	@$(OMPI_VENV)/bin/python -c "from mpi4py import MPI; print('==', MPI.Get_library_version().splitlines()[0])"
+	@echo "== distributed tests at -np 2 under Open MPI's $(OMPI_MPIRUN) $(OMPI_ROOT_FLAGS)"
+	timeout --signal=TERM --kill-after=10 $(TIMEOUT) $(OMPI_MPIRUN) $(OMPI_ROOT_FLAGS) -np 2 \
+	  $(OMPI_VENV)/bin/python -m pytest -q --with-mpi -m "mpi and not multinode" tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs
