@@ -91,6 +91,7 @@ def test_tune_writes_thresholds_that_auto_then_uses(tmp_path, cli):
     (["--iters", "0"], "--iters 0: must be >= 1"),
     (["--tune", "--algorithms", "auto"], "--tune: --algorithms names no candidate"),
     (["--dtype", "float64", "--min-bytes", "4"], "smaller than one float64 element"),
+    (["--device", "cuda", "--tune"], "--device cuda with --tune: host buffers only"),
 ])
 def test_bad_arguments_are_usage_errors(args, message, capsys):
     assert bench_main(["allreduce", *args]) == 2

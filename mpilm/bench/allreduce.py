@@ -13,7 +13,12 @@ time (> 1: faster than the MPI library). Only rank 0 prints.
 rank (one thread, every rank copying at once) at the same sizes as the physical ceiling,
 ``--tune`` writes the winners as the thresholds ``algorithm="auto"`` uses (see ``mpilm/comm/tuning.py``).
 
-Limits: CPU tensors (GPU staging is timed by the trainer's own timers); the data is refilled with
+``--device cuda`` times CUDA buffers (``cuda:<local rank>``; ranks may share one GPU): each
+call's time includes a device synchronize, and what runs is what the dispatcher picks for device
+memory (device pointers to a CUDA-aware MPI, else the host-staged pipelines; the header says which).
+
+Limits: the memcpy ceiling of ``--plot`` is drawn for host buffers only; ``--tune`` and
+``--shared-buffer`` are host-only. The data is refilled with
 ones before every call (outside the timed region) and the result is checked after the last one,
 so a broken algorithm cannot post a fast number.
 """
@@ -79,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-buffer", action="store_true",
                         help="allocate the message in the node's shared-memory window, as training does for "
                              "shm/hier/auto (every algorithm then reads the same memory)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the message lives: host memory, or this rank's GPU (default %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the rows to this JSON file")
     parser.add_argument("--plot", default=None, help="write busbw vs size to this PNG")
     parser.add_argument("--tune", action="store_true",
@@ -107,6 +114,8 @@ def _validated(args) -> dict:
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: must be >= 0")
     segment = None if args.segment_bytes is None else parse_bytes(args.segment_bytes, "--segment-bytes")
+    if args.device == "cuda" and (args.tune or args.shared_buffer):
+        raise UsageError(f"--device cuda with {'--tune' if args.tune else '--shared-buffer'}: host buffers only")
     timed = [a for a in algorithms if a != "auto"] if args.tune else algorithms
     if args.tune and not timed:
         raise UsageError("--tune: --algorithms names no candidate besides auto")
@@ -143,10 +152,10 @@ def _check_writable(args) -> None:
         raise UsageError(problem)
 
 
-def _time_size(comm, algorithms, count, dtype, iters, warmup, shared=False) -> dict[str, float]:
+def _time_size(comm, algorithms, count, dtype, iters, warmup, shared=False, device="cpu") -> dict[str, float]:
     """Median over iterations of the slowest rank's time (seconds) per algorithm at one size."""
     if not shared:
-        return _time_buffer(comm, algorithms, torch.empty(count, dtype=dtype), iters, warmup)
+        return _time_buffer(comm, algorithms, torch.empty(count, dtype=dtype, device=device), iters, warmup)
     buf = shm.alloc_shared_buffer(count, dtype, comm)  # collective over the node
     try:
         return _time_buffer(comm, algorithms, buf, iters, warmup)
@@ -168,9 +177,13 @@ def _time_buffer(comm, algorithms, buf, iters, warmup) -> dict[str, float]:
         random.Random(it).shuffle(order)
         for k in order:
             buf.fill_(1)  # fresh inputs, outside the timed region
+            if buf.is_cuda:
+                torch.cuda.synchronize(buf.device)  # ... the fill included
             comm.Barrier()  # blocks until every rank is here: all start together
             start = time.perf_counter()
             collectives.allreduce(buf, comm, algorithms[k], "sum")
+            if buf.is_cuda:
+                torch.cuda.synchronize(buf.device)  # the device work the call queued is part of its time
             samples[k, it] = time.perf_counter() - start
             if it == iters - 1 and not bool((buf == p).all()):
                 raise RuntimeError(f"allreduce {algorithms[k]} gave a wrong result at {count} elements")
@@ -222,7 +235,8 @@ def _plot(path: str, rows: list[dict], memcpy: dict[int, float], p: int, dtype: 
         mine = [row for row in rows if row["algorithm"] == name]
         ax.plot([r["size_bytes"] for r in mine], [r["busbw_gbps"] for r in mine], marker="o", label=name)
     ceiling = sorted(memcpy)
-    ax.plot(ceiling, [memcpy[s] / 1e9 for s in ceiling], "k--", label="memcpy per rank, all ranks at once (ceiling)")
+    if ceiling:
+        ax.plot(ceiling, [memcpy[s] / 1e9 for s in ceiling], "k--", label="memcpy per rank, all ranks at once (ceiling)")
     sizes = sorted({row["size_bytes"] for row in rows})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # latency-bound and bandwidth-bound sizes differ by orders of magnitude
@@ -252,7 +266,7 @@ def run(args) -> None:
 
 
 def _sweep(args, settings: dict) -> None:
-    world.pick_device("cpu")  # one torch thread per core share, as the trainer runs
+    device = world.pick_device(args.device)  # one torch thread per core share, as the trainer runs
     comm = world.WORLD
     p = comm.Get_size()
     dtype, dtype_label = settings["dtype"], args.dtype
@@ -262,8 +276,13 @@ def _sweep(args, settings: dict) -> None:
     world.say(f"# mpilm allreduce: {p} ranks ({rpn} per node), {dtype_label}, op sum, "
               f"median of {args.iters} iterations after {args.warmup} warm-up, time = slowest rank"
               + (", message in node shared memory" if args.shared_buffer else ""))
-    world.say(f"# {world.library_version()}; ring segment {human_bytes(common.SEGMENT_BYTES)}"
+    world.say(f"# {world.mpi_description()}; ring segment {human_bytes(common.SEGMENT_BYTES)}"
               + ("; --tune: timing candidates, auto not run" if args.tune else ""))
+    if device.type == "cuda":
+        world.say(f"# CUDA buffers on {torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible, "
+                  f"ranks share them round-robin); ring runs "
+                  f"{collectives.algorithm_that_runs('ring', device, comm)}, mpi "
+                  f"{collectives.algorithm_that_runs('mpi', device, comm)}")
     if args.iters < RECOMMENDED_ITERS:
         world.say(f"# note: --iters {args.iters} < {RECOMMENDED_ITERS}: smoke-test numbers, do not quote them")
     if "auto" in algorithms and p > 1:
@@ -276,8 +295,8 @@ def _sweep(args, settings: dict) -> None:
     bus_factor = 2 * (p - 1) / p if p > 1 else 1.0
     for nbytes in settings["sizes"]:
         count = nbytes // itemsize
-        times = _time_size(comm, algorithms, count, dtype, args.iters, args.warmup, args.shared_buffer)
-        if args.plot:
+        times = _time_size(comm, algorithms, count, dtype, args.iters, args.warmup, args.shared_buffer, device)
+        if args.plot and device.type == "cpu":
             memcpy[nbytes] = _memcpy_bandwidth(comm, count, dtype, args.iters)  # collective
         size_rows = []
         for name in algorithms:
@@ -287,9 +306,9 @@ def _sweep(args, settings: dict) -> None:
                    "world_size": p, "time_us": seconds * 1e6, "algbw_gbps": algbw,
                    "busbw_gbps": algbw * bus_factor,
                    "vs_mpi": times["mpi"] / seconds if "mpi" in times else None,
-                   "buffer": "shared" if args.shared_buffer else "private"}
+                   "buffer": "shared" if args.shared_buffer else "private", "device": device.type}
             if name == "auto":
-                row["chose"] = collectives.describe_auto([nbytes], comm, dtype)[0][1]
+                row["chose"] = collectives.describe_auto([nbytes], comm, dtype, device=device)[0][1]
             size_rows.append(row)
         rows.extend(size_rows)
         for row in size_rows:
