@@ -1,4 +1,4 @@
-"""Entry point: ``python -m mpilm.bench {allreduce,compress,convergence,scaling,ddp,model} ...``.
+"""Entry point: ``python -m mpilm.bench {allreduce,compress,convergence,scaling,ddp,model,report} ...``.
 
 Dispatches to ``mpilm.bench.<name>``; each module defines ``DESCRIPTION``, ``add_arguments`` and
 ``run``. Errors follow the project's policy (``error: ...``, exit 2; never a hang).
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "scaling": "throughput, speed-up and efficiency vs number of ranks",
     "ddp": "mpilm vs torch DistributedDataParallel on the same model and data",
     "model": "alpha-beta cost model fitted to this machine; predicted scaling",
+    "report": "one scaling table (speed-up, efficiency, comm, MFU, val loss), JSON and PNG from finished runs",
 }
 
 
