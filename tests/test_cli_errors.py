@@ -39,8 +39,8 @@ def corpora(tmp_path_factory):
     (["--allreduce", "carrier-pigeon"], "--allreduce carrier-pigeon: expected one of"),
     (["--device", "tpu"], "--device tpu: expected one of"),
 ])
-def test_bad_options(args, needle):
-    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, *args], np=2, timeout=60), needle)
+def test_bad_options(tmp_path, args, needle):
+    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, "--out", str(tmp_path), *args], np=2, timeout=60), needle)
 
 
 @pytest.mark.parametrize("name, extra, needle", [
@@ -49,7 +49,8 @@ def test_bad_options(args, needle):
     ("small.txt", ["--block-size", "1024"], "corpus too small"),
 ])
 def test_bad_corpora(corpora, tmp_path, name, extra, needle):
-    args = ["-m", "mpilm.train", *TINY, "--data", str(corpora / name), "--cache-dir", str(tmp_path), *extra]
+    args = ["-m", "mpilm.train", *TINY, "--data", str(corpora / name), "--cache-dir", str(tmp_path),
+            "--out", str(tmp_path / "out"), *extra]
     assert_usage_error(run_cli(args, np=2, timeout=60), needle)
 
 
@@ -141,8 +142,9 @@ def test_resume_auto_skips_a_truncated_checkpoint(checkpointed, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_gpu():
-    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, "--device", "cuda"], np=2, timeout=60), "--device cuda: no CUDA GPU")
+def test_cuda_without_gpu(tmp_path):
+    assert_usage_error(run_cli(["-m", "mpilm.train", *TINY, "--out", str(tmp_path), "--device", "cuda"], np=2, timeout=60),
+                       "--device cuda: no CUDA GPU")
 
 
 def test_help_prints_once():
