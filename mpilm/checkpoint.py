@@ -119,18 +119,24 @@ def first_problem(comm, mine: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def agreed_writes(comm, what: str | os.PathLike):
+def agreed_writes(comm, what: str | os.PathLike, collective: bool = True):
     """Every rank enters; an ``OSError`` from the writes inside (on whichever ranks do them, usually
     rank 0 alone) becomes the same ``UsageError`` on every rank: ``rank r could not write WHAT (...)``.
 
     SYNC: one allgather on leaving the block, on every rank, whether or not it wrote anything.
-    Does not: catch other exceptions (those are bugs: traceback and abort, as everywhere).
+    ``collective=False``: only this rank enters (the async parameter server's log lines); its
+    error aborts the job with status 2 instead. Does not: catch other exceptions (those are bugs:
+    traceback and abort, as everywhere).
     """
     mine = None
     try:
         yield
     except OSError as err:
         mine = f"rank {comm.Get_rank()} could not write {what} ({_describe(err)})"
+        if not collective:
+            raise UsageError(mine, collective=False) from None
+    if not collective:
+        return
     problem = first_problem(comm, mine)  # SYNC: did any rank's write fail?
     if problem:
         raise UsageError(problem)

@@ -31,11 +31,11 @@ COMPRESSORS = ("none", "fp16", "bf16", "topk")
 TOPK_AGGREGATES = ("allgather", "gtopk")
 DATA_IO = ("scatter", "mpiio")
 ZERO_STAGES = (0, 1)
-SYNC_MODES = ("sync", "local", "diloco")
+SYNC_MODES = ("sync", "async", "local", "diloco")
 # options that mean something only in one --sync mode
 MODE_OPTIONS = {"local_steps": ("local", "diloco"), "local_average_optimizer": ("local",),
                 "outer_lr": ("diloco",), "outer_momentum": ("diloco",), "outer_nesterov": ("diloco",),
-                "momentum_correction": ("sync",)}
+                "momentum_correction": ("sync",), "max_staleness": ("async",), "staleness_lr": ("async",)}
 # algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
@@ -129,9 +129,14 @@ class TrainConfig:
     zero: int = opt(0, "ZeRO stage: 1 shards the optimizer state over the ranks (reduce-scatter the gradients, "
                        "step this rank's shard, allgather the parameters)", choices=ZERO_STAGES)
     # how the ranks' steps talk (mpilm/modes/)
-    sync: str = opt("sync", "sync: average gradients every step; local: each rank steps alone, parameters averaged "
-                            "every --local-steps; diloco: --local-steps inner steps, then the averaged pseudo-gradient "
-                            "feeds an outer Nesterov SGD (arXiv 2311.08105)", choices=SYNC_MODES)
+    sync: str = opt("sync", "sync: average gradients every step; async: rank 0 is a parameter server, the other ranks "
+                            "push gradients and pull parameters without waiting for each other; local: each rank steps "
+                            "alone, parameters averaged every --local-steps; diloco: --local-steps inner steps, then the "
+                            "averaged pseudo-gradient feeds an outer Nesterov SGD (arXiv 2311.08105)", choices=SYNC_MODES)
+    max_staleness: int = opt(-1, "async: drop gradients computed with parameters more than this many server updates "
+                                 "old (counted in the summary; -1: apply every gradient)",
+                             check=lambda v: None if v >= -1 else "must be >= -1 (-1: no limit)")
+    staleness_lr: bool = opt(False, "async: divide the learning rate by a gradient's staleness (arXiv 1511.05950)")
     local_steps: int = opt(16, "local/diloco: steps each rank takes between exchanges (H)", check=positive)
     local_average_optimizer: bool = opt(False, "local: also average the optimizer state (moments) at each exchange")
     outer_lr: float = opt(0.7, "diloco: the outer optimizer's learning rate", check=positive)
@@ -312,6 +317,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.sync != "sync" and cfg.overlap:
         raise UsageError(f"--sync {cfg.sync} with --overlap: no gradients are exchanged during backward; "
                          "drop --overlap")
+    if cfg.sync == "async" and cfg.compress != "none":
+        raise UsageError(f"--sync async with --compress {cfg.compress}: workers send gradients to the parameter server "
+                         "uncompressed; drop --compress (--sync diloco compresses its exchange)")
     if cfg.sync == "local" and cfg.compress != "none":
         raise UsageError(f"--sync local with --compress {cfg.compress}: parameters are averaged uncompressed; "
                          "--sync diloco compresses its exchange (pseudo-gradients, with error feedback for topk)")

@@ -80,43 +80,16 @@ class Run:
     watchdog: world.TimedWatchdog | None = None  # aborts the job when a wait on peers outlasts --comm-timeout
     skipped_steps: int = 0  # steps whose averaged gradient was not finite: no update
     bad_in_a_row: int = 0
-    mode: object = None  # --sync local|diloco: modes.LocalSGD / modes.DiLoCo, called after every step; None: sync
+    mode: object = None  # --sync async|local|diloco: the modes/ object; None: sync
+    data_rank: int | None = None  # whose batches step() draws: this rank's (None), or another's (equivalence tests)
 
     # ---------------------------------------------------------------- one step
     def step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
-        cfg, timer, grads, step = self.cfg, self.timer, self.grads, self.step_index
+        cfg, timer, step = self.cfg, self.timer, self.step_index
         timer.begin_step(step)
-        lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        optim.set_lr(self.optimizer, lr)
-        with timer.phase("optimizer"):  # zeroing is the optimizer's bookkeeping
-            grads.begin_step(step)
-            total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            grads.arm(final=micro == cfg.grad_accum - 1)  # earlier micro-steps only accumulate (no_sync)
-            with timer.phase("data"):
-                x, y = data.sample_batch(self.corpus.block, cfg.batch_size, cfg.block_size, cfg.seed,
-                                         self.comm.Get_rank(), step, micro)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with timer.phase("forward"), (self.autocast or contextlib.nullcontext()):
-                _, loss = self.forward_model(x, y)
-                loss = loss / cfg.grad_accum  # the mean over all micro-batches: accumulation == a bigger batch
-            with timer.phase("backward"):  # with overlap, buckets are reduced on the comm thread meanwhile
-                loss.backward()
-                total += loss.detach()
-        with timer.phase("comm"):
-            timings = grads.wait()  # SYNC: every bucket is averaged over every rank
-        self._credit(timings)
-        with timer.phase("optimizer"):
-            if cfg.zero:
-                norm = optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
-            else:
-                norm = optim.clip_(list(grads.flat.values()), cfg.grad_clip)
-            # the norm of the *averaged* gradient: the same on every rank, so every rank skips alike
-            # (one device sync per step on CUDA)
-            finite = bool(torch.isfinite(norm))
-            if finite:
-                self.optimizer.inner_step() if cfg.zero else self.optimizer.step()
+        total = self.compute_gradients(step)
+        finite = self.apply_gradients(optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
         self._count_bad(finite, step)
         if self.mode is not None:
             self.mode.after_step(step + 1, timer)  # SYNC at every --local-steps boundary
@@ -128,6 +101,49 @@ class Run:
         self.losses.append(total)
         self.step_index += 1
         return total
+
+    def compute_gradients(self, step: int) -> torch.Tensor:
+        """Forward and backward over ``grad_accum`` micro-batches of step ``step`` into the flat
+        gradient buffer, averaged over the ranks by the reducer (none in local and async modes);
+        returns this rank's mean loss (a tensor: no device sync)."""
+        cfg, timer, grads = self.cfg, self.timer, self.grads
+        with timer.phase("optimizer"):  # zeroing is the optimizer's bookkeeping
+            grads.begin_step(step)
+            total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            grads.arm(final=micro == cfg.grad_accum - 1)  # earlier micro-steps only accumulate (no_sync)
+            with timer.phase("data"):
+                x, y = data.sample_batch(self.corpus.block, cfg.batch_size, cfg.block_size, cfg.seed,
+                                         self.comm.Get_rank() if self.data_rank is None else self.data_rank,
+                                         step, micro)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with timer.phase("forward"), (self.autocast or contextlib.nullcontext()):
+                _, loss = self.forward_model(x, y)
+                loss = loss / cfg.grad_accum  # the mean over all micro-batches: accumulation == a bigger batch
+            with timer.phase("backward"):  # with overlap, buckets are reduced on the comm thread meanwhile
+                loss.backward()
+                total += loss.detach()
+        with timer.phase("comm"):
+            timings = grads.wait()  # SYNC: every bucket is averaged over every rank
+        self._credit(timings)
+        return total
+
+    def apply_gradients(self, lr: float) -> bool:
+        """Clip the flat gradients and take the optimizer step at ``lr`` (ZeRO-1: this rank's shard
+        only); returns False, with no update, when the gradient's norm is not finite."""
+        cfg, grads = self.cfg, self.grads
+        optim.set_lr(self.optimizer, lr)
+        with self.timer.phase("optimizer"):
+            if cfg.zero:
+                norm = optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
+            else:
+                norm = optim.clip_(list(grads.flat.values()), cfg.grad_clip)
+            # sync: the norm of the *averaged* gradient, the same on every rank, so every rank skips
+            # alike (one device sync per step on CUDA)
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.inner_step() if cfg.zero else self.optimizer.step()
+        return finite
 
     def _count_bad(self, finite: bool, step: int) -> None:
         """Skipped steps: counted; ``--max-bad-steps`` of them in a row stop the run (every rank alike)."""
@@ -160,20 +176,24 @@ class Run:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over fixed validation windows, shared out over the ranks. SYNC (allreduce)."""
+    def evaluate(self, alone: bool = False) -> float:
+        """Mean loss over fixed validation windows, shared out over the ranks. SYNC (allreduce).
+
+        ``alone``: this rank evaluates every window by itself, no communication (the async
+        parameter server, whose workers are busy)."""
         cfg, comm = self.cfg, self.comm
         self.model.eval()
         starts = data.eval_starts(self.corpus.val.numel(), cfg.block_size, cfg.eval_batches * cfg.batch_size, cfg.seed)
-        mine = starts[comm.Get_rank()::comm.Get_size()]
+        mine = starts if alone else starts[comm.Get_rank()::comm.Get_size()]
         sums = np.zeros(2)  # [sum of token losses, number of windows]
         for chunk in mine.split(cfg.batch_size):
             x, y = data.windows(self.corpus.val, chunk, cfg.block_size)
             with self.autocast or contextlib.nullcontext():
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += (loss.item() * len(chunk), len(chunk))
-        with self.watched(f"the evaluation's Allreduce after step {self.step_index}"):
-            comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
+        if not alone:
+            with self.watched(f"the evaluation's Allreduce after step {self.step_index}"):
+                comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # SYNC
         self.model.train()
         return float(sums[0] / sums[1])
 
@@ -286,7 +306,10 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     grad_comm = comm.Dup()  # collective: the communication thread's own communicator
     collectives.prepare(grad_comm)  # collective first-use set-up, before the comm thread may run
     compressor = None
-    if reducer == "config" and cfg.sync == "local":
+    if cfg.sync == "async" and n_ranks < 2:
+        raise UsageError("--sync async needs at least 2 ranks (rank 0 serves the parameters, the others compute): "
+                         "launch with mpirun -np 2 or more")
+    if reducer == "config" and cfg.sync in ("local", "async"):
         reducer = None  # no gradient exchange: the mode averages parameters every --local-steps
     if reducer == "config":
         # topk builds or loads the C++ kernels here, not in step 1

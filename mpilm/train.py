@@ -179,8 +179,12 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
         print(f"data: {corpus.n_train:,} training tokens, {corpus.block.numel():,} per rank, "
               f"{corpus.val.numel():,} validation | cache {corpus.cache_path} "
               f"({'built' if corpus.built_now else 'reused'}, {t_build:.1f}s to load and build, {cfg.data_io})")
-        print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
-              f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
+        if cfg.sync == "async":
+            print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum per gradient | "
+                  f"{cfg.steps} gradients from each of {n_ranks - 1} worker(s), applied one by one by rank 0 | out {out}")
+        else:
+            print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
+                  f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
         if resumed_from is not None:
             print(f"resumed from {resumed_from} at step {job.step_index}")
             if meta["world_size"] != n_ranks:
@@ -204,7 +208,9 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
     if tracer is not None:
         tracer.start(comm, cfg.trace)  # SYNC: a Barrier gives every rank's trace clock the same zero
     t_run = time.perf_counter()
-    while job.step_index < cfg.steps:
+    if cfg.sync == "async":
+        writer, val_loss = _train_async(job, writer, preemption, metrics, bar), None
+    while cfg.sync != "async" and job.step_index < cfg.steps:
         job.step()
         step = job.step_index
         if writer is not None:
@@ -221,11 +227,7 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
                 writer.begin(step, job.state_dict(), _ckpt_meta(cfg, n_ranks, step))
             with job.watched(f"the pre-emption checkpoint of step {step}"):
                 path = writer.finish() or writer.written[-1]  # SYNC: complete before anyone exits
-            if rank == 0:
-                metrics.close()
-                print(f"pre-empted by a signal at step {step}: checkpoint {path}; continue with the same command "
-                      f"and --resume auto (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
-            raise SystemExit(PREEMPTED_EXIT)
+            _exit_preempted(rank, metrics, step, path)
         bar.update(1)
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
@@ -249,6 +251,10 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
                 bar.write(f"step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
                           f"{val_loss / math.log(2):.3f} bits/byte")
     bar.close()
+    if val_loss is None:  # async: the server's model, now on every rank
+        val_loss = job.evaluate()
+        if rank == 0:
+            print(f"step {job.step_index}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f}")
     if writer is not None:
         with job.watched("the last checkpoint's completion"):
             writer.finish()  # SYNC: the last checkpoint is complete before the run reports
@@ -260,6 +266,45 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
     if tracer is not None and tracer.finish(comm, cfg.trace):  # SYNC: gathers every rank's events to rank 0
         print(f"trace of steps 0-{min(cfg.steps, cfg.trace_steps) - 1}: {cfg.trace} (open in ui.perfetto.dev)")
     return _finish(job, first_val, val_loss, wall, metrics)
+
+
+def _exit_preempted(rank: int, metrics, step: int, path: Path) -> None:
+    if rank == 0:
+        metrics.close()
+        print(f"pre-empted by a signal at step {step}: checkpoint {path}; continue with the same command "
+              f"and --resume auto (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+    raise SystemExit(PREEMPTED_EXIT)
+
+
+def _train_async(job: Run, writer, preemption: Preemption, metrics, bar):
+    """--sync async: the parameter server's loop (mpilm/modes/async_ps.py) with this file's
+    checkpoints, pre-emption and log lines; returns the checkpoint writer (or None)."""
+    cfg, comm = job.cfg, job.comm
+    rank, n_ranks = comm.Get_rank(), comm.Get_size()
+
+    def checkpoint_now(version: int) -> None:  # SYNC: every rank, at a pause of the server's loop
+        nonlocal writer
+        version = comm.bcast(version, root=0)  # the server's count names the checkpoint on every rank
+        writer = writer or checkpoint.Writer(ckpt_dir(cfg), comm, cfg.keep_ckpts)
+        with job.watched(f"the checkpoint at server update {version}"):
+            writer.begin(version, job.state_dict(), _ckpt_meta(cfg, n_ranks, version))
+            writer.finish()  # SYNC: complete before the workers go on (nothing moves meanwhile)
+
+    def log(record: dict) -> None:  # the server's progress, rank 0 only
+        with checkpoint.agreed_writes(comm, Path(cfg.out) / "metrics.jsonl", collective=False):
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        bar.update(0)
+        val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        bar.write(f"update {record['step']:>6} | loss {record['loss']:.4f} | staleness {record['staleness_mean']:.1f} "
+                  f"| {record['dropped']} dropped | {record['updates_per_s']:.1f} updates/s{val}")
+
+    outcome = job.mode.train(job, checkpoint_every=cfg.ckpt_every, checkpoint=checkpoint_now,
+                             signalled=lambda: preemption.received is not None, log=log,
+                             evaluate_every=cfg.eval_every, log_every=cfg.log_every)
+    if outcome == "preempted":
+        _exit_preempted(rank, metrics, job.mode.version, writer.written[-1])
+    return writer
 
 
 def _open_metrics(path: Path, resumed_step: int):
@@ -341,6 +386,11 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         "buckets": bucket_rows,
         "phases": summary,
     }
+    if cfg.sync == "async":
+        result.update(comm.bcast(job.mode.summary(), root=0))  # SYNC: the server's figures, on every rank
+        # every gradient the server took (applied or dropped) is one worker's batch
+        result["tokens_per_s"] = perf["tokens_per_s"] = (
+            result["gradients_this_run"] * cfg.tokens_per_step_per_rank / max(1e-9, result["async_wall_s"]))
     if cfg.sample and rank == 0:
         g = torch.Generator(device=job.device).manual_seed(cfg.seed)
         prompt = torch.tensor([[ord("\n")]], device=job.device)
@@ -364,12 +414,18 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
             print(f"buckets, ms per step (total / exposed, mean over ranks), most exposed first: " + ", ".join(
                 f"b{r['bucket']} {r['bytes'] / 2**20:.2f} MiB {r['comm_total_s'] * 1e3:.1f}/"
                 f"{r['exposed_s'] * 1e3:.1f}" for r in shown) + more)
-        if n_ranks > 1:
+        if n_ranks > 1 and cfg.sync == "sync":
             print(f"overlap: {'on' if job.grads.overlap else 'off'} | comm {perf['comm_total_s_per_step'] * 1e3:.1f} ms "
                   f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({max(0.0, hidden):.0%} hidden)")
         sharded = (f"ZeRO-1 over {n_ranks} ranks; unsharded it would be {_mib(full_state)}" if cfg.zero
                    else "not sharded (--zero 1 would divide it by the ranks)")
         print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")
+        if cfg.sync == "async":
+            busy = result["server_busy_share"]
+            print(f"async: {result['updates']} updates from {n_ranks - 1} worker(s) | staleness mean "
+                  f"{result['staleness_mean']:.2f}, histogram {result['staleness_histogram']} | "
+                  f"{result['dropped_gradients']} dropped | server busy {busy:.0%}"
+                  + (" (one server is the bottleneck: workers wait for it)" if busy > 0.9 else ""))
         print(f"done: val loss {first_val:.4f} -> {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte) | "
               f"{perf['tokens_per_s']:,.0f} tok/s | compute {compute:.1f}s, comm {comm_s:.1f}s exposed of "
               f"{comm_total:.1f}s ({comm_s / (compute + comm_s):.0%}) | {wall:.0f}s | {cfg.out}")

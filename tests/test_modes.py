@@ -73,7 +73,11 @@ def test_local_modes_resume_bit_identically(tmp_path_factory, extra):
 
 @pytest.mark.parametrize("args, needle", [
     (["--local-steps", "0"], "--local-steps 0: must be > 0"),
-    (["--sync", "async-ish"], "--sync async-ish: expected one of sync, local, diloco"),
+    (["--sync", "async-ish"], "--sync async-ish: expected one of sync, async, local, diloco"),
+    (["--max-staleness", "3"], "--max-staleness applies only with --sync async"),
+    (["--sync", "local", "--staleness-lr"], "--staleness-lr applies only with --sync async"),
+    (["--sync", "async", "--max-staleness", "-2"], "--max-staleness -2: must be >= -1"),
+    (["--sync", "async", "--compress", "bf16"], "--sync async with --compress bf16"),
     (["--outer-lr", "0.5"], "--outer-lr applies only with --sync diloco (this run has --sync sync)"),
     (["--sync", "local", "--outer-momentum", "0.5"], "--outer-momentum applies only with --sync diloco"),
     (["--local-steps", "8"], "--local-steps applies only with --sync local or diloco"),
@@ -93,3 +97,66 @@ def test_the_mode_names_match_the_modes_package():
     from mpilm import modes
 
     assert config.SYNC_MODES == modes.MODES
+
+
+@pytest.mark.mpi(min_size=2)
+def test_async_with_one_worker_equals_sequential_sgd_on_the_same_batches(tmp_path_factory):
+    """One worker, max staleness 0: the server applies the worker's gradients one by one, so the
+    result is single-process training on the worker's batches, bit for bit."""
+    from mpilm import run
+
+    comm = MPI.COMM_WORLD
+    if comm.size != 2:
+        pytest.skip("exactly one worker: needs -np 2")
+    root = shared_tmp(tmp_path_factory, "async1")
+    args = [*TINY, "--steps", "6", "--max-staleness", "0"]
+    cfg = config.parse([*args, "--sync", "async", "--out", str(root / "async")])
+    job = run.build(cfg)
+    summary = train.run([*args, "--sync", "async", "--out", str(root / "async")])
+    assert summary["updates"] == 6 and summary["staleness_histogram"] == {"0": 6}
+    served = checkpoint.load(root / "async" / "model.pt")["model"]
+    # the reference: this rank alone, on rank 1's block and batches (every rank builds one: start-up is collective)
+    ref = run.build(config.parse([*args[:-2], "--out", str(root / "ref")]), MPI.COMM_SELF, corpus=job.corpus)
+    ref.data_rank = 1
+    for _ in range(6):
+        ref.step()
+    if comm.rank == 1:  # the worker's corpus block is rank 1's
+        for name, p in ref.model.state_dict().items():
+            assert torch.equal(p, served[name]), name
+    job.close()
+    ref.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_async_ends_with_the_servers_model_on_every_rank_and_resumes_from_its_checkpoints(tmp_path_factory):
+    comm = MPI.COMM_WORLD
+    root = shared_tmp(tmp_path_factory, "async-resume")
+    args = [*TINY, "--sync", "async", "--steps", "8", "--ckpt-every", "4"]
+    straight = root / "straight"
+    summary = train.run([*args, "--out", str(straight)])
+    workers = comm.size - 1
+    assert summary["updates"] + summary["dropped_gradients"] == 8 * workers
+    assert sum(summary["staleness_histogram"].values()) == 8 * workers
+    assert 0 <= summary["server_busy_share"] <= 1
+    digest = sum(float(v.double().sum()) for v in checkpoint.load(straight / "model.pt")["model"].values())
+    assert len(set(comm.allgather(digest))) == 1
+    assert checkpoint.complete_checkpoints(straight / "ckpt")  # pauses of the server's loop were checkpointed
+    if workers == 1:  # one worker: deterministic, so the resumed run must match bit for bit
+        again = root / "again"
+        if comm.rank == 0:
+            again.mkdir()
+            shutil.copytree(straight / "ckpt" / "step-4", again / "ckpt" / "step-4")
+        comm.Barrier()
+        train.run([*args, "--out", str(again), "--resume", "auto"])
+        if comm.rank == 0:
+            a, b = (checkpoint.load(p / "model.pt")["model"] for p in (straight, again))
+            for name in a:
+                assert torch.equal(a[name], b[name]), name
+
+
+def test_async_needs_two_ranks(tmp_path):
+    from conftest import run_cli
+
+    done = run_cli(["-m", "mpilm.train", *TINY, "--sync", "async", "--out", str(tmp_path)], np=1, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: --sync async needs at least 2 ranks" in done.stderr, done.stderr[-2000:]

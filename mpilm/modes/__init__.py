@@ -1,7 +1,10 @@
-"""How a Run's steps talk to each other: ``--sync sync|local|diloco``.
+"""How a Run's steps talk to each other: ``--sync sync|async|local|diloco``.
 
 - ``sync`` (the default): gradients are averaged every step, bucket by bucket during backward
   (``comm/grad_sync.py``); every rank takes the same step. No object here: ``make`` returns None.
+- ``async`` (``async_ps.py``): rank 0 is a parameter server; workers push gradients and pull
+  parameters with point-to-point messages, never waiting for each other. It has its own loop
+  (``AsyncSGD.train``) instead of ``Run.step``.
 - ``local`` (``local.py``): every rank steps on its own gradients; every ``--local-steps H`` steps
   the parameters (and, with ``--local-average-optimizer``, the optimizer state) are averaged.
 - ``diloco`` (``diloco.py``, arXiv 2311.08105): H inner steps per rank, then the pseudo-gradient
@@ -16,10 +19,11 @@ thread is idle. They import comm and optim, never run or train (the Run passes i
 
 from __future__ import annotations
 
+from mpilm.modes.async_ps import AsyncSGD
 from mpilm.modes.diloco import DiLoCo
 from mpilm.modes.local import LocalSGD
 
-MODES = ("sync", "local", "diloco")
+MODES = ("sync", "async", "local", "diloco")
 
 
 def make(cfg, grads, comm, optimizer, compressor):
@@ -29,4 +33,6 @@ def make(cfg, grads, comm, optimizer, compressor):
     if cfg.sync == "diloco":
         return DiLoCo(grads, comm, cfg.allreduce, cfg.local_steps, cfg.outer_lr, cfg.outer_momentum,
                       cfg.outer_nesterov, compressor)
+    if cfg.sync == "async":
+        return AsyncSGD(grads, comm, cfg.max_staleness, cfg.staleness_lr)
     return None
