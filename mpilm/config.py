@@ -163,7 +163,12 @@ class TrainConfig:
                             check=path_text)
     comm_timeout: float = opt(300.0, "abort the job when a wait on the other ranks (a gradient bucket, an evaluation, "
                                      "a checkpoint) lasts longer than this many seconds, naming what it waited for",
-                              check=positive)
+                              check=lambda v: None if v >= 1 else "must be >= 1 (seconds)")
+    slow_rank: int = opt(-1, "experiments: make this rank a straggler (its forward and backward take --slow-factor "
+                             "times as long, by sleeping after them); -1: none",
+                         check=lambda v: None if v >= -1 else "must be >= -1 (-1: none)")
+    slow_factor: float = opt(2.0, "with --slow-rank: how many times slower that rank computes",
+                             check=lambda v: None if v >= 1 else "must be >= 1")
     max_bad_steps: int = opt(10, "a step whose averaged gradient norm is not finite is skipped on every rank; this "
                                  "many in a row stop the run", check=positive)
     # checkpoints

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +111,7 @@ class Run:
         with timer.phase("optimizer"):  # zeroing is the optimizer's bookkeeping
             grads.begin_step(step)
             total = torch.zeros((), device=self.device)
+        t_compute = time.perf_counter()
         for micro in range(cfg.grad_accum):
             grads.arm(final=micro == cfg.grad_accum - 1)  # earlier micro-steps only accumulate (no_sync)
             with timer.phase("data"):
@@ -123,6 +125,9 @@ class Run:
             with timer.phase("backward"):  # with overlap, buckets are reduced on the comm thread meanwhile
                 loss.backward()
                 total += loss.detach()
+        if self.comm.Get_rank() == cfg.slow_rank:  # --slow-rank: a straggler, for experiments
+            with timer.phase("backward"):
+                time.sleep((cfg.slow_factor - 1) * (time.perf_counter() - t_compute))  # host time, also on CUDA
         with timer.phase("comm"):
             timings = grads.wait()  # SYNC: every bucket is averaged over every rank
         self._credit(timings)

@@ -78,6 +78,8 @@ def test_local_modes_resume_bit_identically(tmp_path_factory, extra):
     (["--sync", "local", "--staleness-lr"], "--staleness-lr applies only with --sync async"),
     (["--sync", "async", "--max-staleness", "-2"], "--max-staleness -2: must be >= -1"),
     (["--sync", "async", "--compress", "bf16"], "--sync async with --compress bf16"),
+    (["--slow-factor", "0.5"], "--slow-factor 0.5: must be >= 1"),
+    (["--slow-rank", "-3"], "--slow-rank -3: must be >= -1"),
     (["--outer-lr", "0.5"], "--outer-lr applies only with --sync diloco (this run has --sync sync)"),
     (["--sync", "local", "--outer-momentum", "0.5"], "--outer-momentum applies only with --sync diloco"),
     (["--local-steps", "8"], "--local-steps applies only with --sync local or diloco"),
