@@ -162,3 +162,29 @@ def test_async_needs_two_ranks(tmp_path):
     done = run_cli(["-m", "mpilm.train", *TINY, "--sync", "async", "--out", str(tmp_path)], np=1, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "error: --sync async needs at least 2 ranks" in done.stderr, done.stderr[-2000:]
+
+
+def test_async_preemption_checkpoints_at_a_pause_and_resumes(tmp_path):
+    """SIGTERM to a worker: it reports the signal in its next gradient's header, the server pauses
+    every worker, all ranks checkpoint and exit 75; --resume auto finishes the run."""
+    from conftest import run_cli
+
+    args = [*TINY, "--sync", "async", "--steps", "12", "--out", str(tmp_path)]
+    script = (
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import run, train\n"
+        "compute = run.Run.compute_gradients\n"
+        "def signalled(self, step):\n"
+        "    if MPI.COMM_WORLD.rank == 1 and step == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return compute(self, step)\n"
+        "run.Run.compute_gradients = signalled\n"
+        f"sys.exit(train.main({args!r}))\n"
+    )
+    first = run_cli(["-c", script], np=2, timeout=120)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert "pre-empted by a signal" in first.stderr and checkpoint.complete_checkpoints(tmp_path / "ckpt")
+    again = run_cli(["-m", "mpilm.train", *args, "--resume", "auto"], np=2, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["updates"] == 12
