@@ -159,19 +159,21 @@ class AsyncSGD:
                     window_staleness.append(staleness)
                 else:
                     run.skipped_steps += 1
-            if signalled() or their_signal:
+            # a pause needs every worker: once one has finished (it waits in the final broadcast)
+            # there is none, and a late signal lets the run finish instead
+            everyone = len(active) == workers
+            if (signalled() or their_signal) and everyone:
                 pausing = stopping = True
-            if next_checkpoint is not None and self.version >= next_checkpoint and len(paused) == 0 and not pausing:
-                if len(active) == workers and all(w in receives or w == worker for w in active):
-                    pausing = True  # every worker is still running: a pause point they will all reach
-            if int(step) + 1 >= cfg.steps:
-                command = STOP
-                active.remove(worker)
-            elif pausing:
+            if next_checkpoint is not None and self.version >= next_checkpoint and everyone and not pausing:
+                pausing = True
+            finished = int(step) + 1 >= cfg.steps
+            if pausing:
                 command = PAUSE_AND_STOP if stopping else PAUSE
                 paused.add(worker)
             else:
-                command = CONTINUE
+                command = STOP if finished else CONTINUE
+            if finished:
+                active.remove(worker)  # no more gradients from it
             answer[:] = (self.version, command)
             with timer.phase("comm"):
                 comm.Send(answer, dest=worker, tag=ANSWER_TAG)
@@ -189,11 +191,11 @@ class AsyncSGD:
                     record["val_loss"] = run.evaluate(alone=True)
                 log(record)
                 window_losses, window_staleness, t_window = [], [], time.perf_counter()
-            if paused and not receives and paused == set(active):
+            if paused and not receives:
                 checkpoint(self.version)  # SYNC: every worker holds its answer; nothing is in flight
                 if stopping:
                     return "preempted"
-                receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in paused}
+                receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in paused if w in active}
                 paused, pausing = set(), False
                 next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every
         self._final_parameters()
