@@ -25,8 +25,10 @@ lock on one node (MPICH 5, shared memory), and 148 vs 149 ms across a 1 Gbit/s e
 RMA would still need a flag the server polls to learn that a gradient arrived, which Waitany over
 posted receives gives for free.
 
-Does not: shard the parameters over several servers (one server, rank 0); overlap a worker's
-send with its next backward; bound a worker's lead over the others (the staleness rule does).
+Does not: shard the parameters over several servers (one server, rank 0: several would have to
+agree on every pause among themselves); overlap a worker's send with its next backward; bound a
+worker's lead over the others (the staleness rule does); pause once a worker has finished its
+``--steps`` (it waits in the final broadcast): a checkpoint or a signal due then lets the run end.
 
 Limits: needs 2+ ranks. The order in which gradients arrive is not deterministic with 2+ workers,
 so only a one-worker run is bit-reproducible (and resumes bit-exactly). ``--steps`` counts each
