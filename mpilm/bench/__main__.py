@@ -17,8 +17,14 @@ SUBCOMMANDS = {
     "scaling": "throughput, speed-up and efficiency vs number of ranks",
     "ddp": "mpilm vs torch DistributedDataParallel on the same model and data",
     "model": "alpha-beta cost model fitted to this machine; predicted scaling",
+    "sync-modes": "sync vs async vs local SGD vs DiLoCo vs top-k at one token budget: val loss, wall time, bytes",
     "report": "one scaling table (speed-up, efficiency, comm, MFU, val loss), JSON and PNG from finished runs",
 }
+
+
+def module_name(subcommand: str) -> str:
+    """The module of a subcommand: ``sync-modes`` lives in ``sync_modes.py``."""
+    return subcommand.replace("-", "_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if argv is not None and (not argv or argv[0] != name):
             continue
-        importlib.import_module(f"mpilm.bench.{name}").add_arguments(p)
+        importlib.import_module(f"mpilm.bench.{module_name(name)}").add_arguments(p)
     args = parser.parse_args(argv)
-    module = importlib.import_module(f"mpilm.bench.{args._module}")
+    module = importlib.import_module(f"mpilm.bench.{module_name(args._module)}")
 
     from mpilm.comm import world  # starts MPI only once we know there is work to do
 
