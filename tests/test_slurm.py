@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (SlurmUser=root, apt-get)"),
 ]
 
-PREEMPT_STEPS = 400  # long enough that the signal lands mid-run, short enough to finish soon after
+PREEMPT_STEPS = 300  # long enough that the signal lands mid-run, short enough to finish soon after
 TASKS = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]  # the scripts ask for 4 of 8-CPU tasks
 PYTHON = sys.executable
 
