@@ -1,7 +1,7 @@
 """The project's batch scripts (``batch/``) with a tiny model: what test_slurm and test_pbs share.
 
 ``tiny_env(tmp, steps, ckpt_every)``: the ``MPILM_*`` settings of ``batch/mpilm-env.sh`` for a
-model of a few thousand parameters on one small corpus file, on the CPU. ``finished(out, steps,
+GPT of about ten thousand parameters on one small corpus file, on the CPU. ``finished(out, steps,
 ranks)``: the run's ``summary.json``, checked to be complete. ``wait_for_checkpoint(out, step)``
 blocks until a checkpoint of at least that step is complete.
 """
