@@ -2,7 +2,7 @@
 
     python -m mpilm.train                                  # 1 process
     mpirun -np 4 python -m mpilm.train --allreduce ring    # 4 ranks on this machine
-    srun -n 64 python -m mpilm.train --config run.toml     # under Slurm
+    srun --mpi=pmi2 -n 64 python -m mpilm.train --config run.toml   # under Slurm (plain srun -n is refused)
     python -m mpilm.train --help                           # every option
 
 Each rank holds the whole model and its own block of the corpus; during backward the gradients
