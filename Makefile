@@ -65,8 +65,6 @@ test-multinode: install
 	    $(BIN)/python -m pytest -q --with-mpi -m mpi $(MULTINODE_TESTS); \
 	done
 
-bench: install
-	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
 # the batch scripts of batch/ under a real Slurm on this machine (tests/test_slurm.py through
 # tests/local_slurm.py): Debian's slurm-wlm and munge installed when missing, munged, slurmctld and
 # slurmd started from a configuration generated in a temp dir (one node, state and spool there),
@@ -78,6 +76,8 @@ test-slurm: install
 	echo "== Slurm tests: the batch scripts under a local slurmctld + slurmd"; \
 	MPILM_SLURM_TESTS=1 timeout --signal=TERM --kill-after=30 300 $(BIN)/python -m pytest -q tests/test_slurm.py
 
+bench: install
+	$(MPIRUN) -np $(NP) $(BIN)/python -m mpilm.bench allreduce $(ARGS)
 
 # compression and shared-memory allreduce kernels (C++, plus CUDA when torch sees a GPU) built
 # ahead of time into the cache; without this the first use JIT-builds them (~40 s); exits 1 when
