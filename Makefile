@@ -53,7 +53,9 @@ test-mpi: install
 MULTINODE_TESTS ?= tests/test_multinode.py tests/test_collectives.py tests/test_halves.py tests/test_compress.py \
 	tests/test_train.py::test_data_parallel_equals_one_process_with_the_global_batch \
 	tests/test_engine.py::test_overlap_on_and_off_give_bit_identical_parameters \
-	tests/test_engine.py::test_zero1_matches_the_unsharded_optimizer
+	tests/test_engine.py::test_zero1_matches_the_unsharded_optimizer \
+	tests/test_modes.py::test_local_sgd_with_one_step_equals_sync_and_diloco_with_one_plain_outer_step_equals_local \
+	tests/test_modes.py::test_async_ends_with_the_servers_model_on_every_rank_and_resumes_from_its_checkpoints
 CLUSTER := env MPILM_CLUSTER=mpilmci $(BIN)/python -m mpilm.cluster
 test-multinode: install
 	@if [ "$$(id -u)" != 0 ]; then echo "== multi-node tests skipped: python -m mpilm.cluster needs root"; exit 0; fi; \
