@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "ddp": "mpilm vs torch DistributedDataParallel on the same model and data",
     "model": "alpha-beta cost model fitted to this machine; predicted scaling",
     "sync-modes": "sync vs async vs local SGD vs DiLoCo vs top-k at one token budget: val loss, wall time, bytes",
+    "chaos": "K random faults (killed ranks and nodes, dead links, stalled nodes) with --resume auto vs an uninterrupted run",
     "report": "one scaling table (speed-up, efficiency, comm, MFU, val loss), JSON and PNG from finished runs",
 }
 
