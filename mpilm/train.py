@@ -237,7 +237,8 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
                 loss = mean_over_ranks(comm, [torch.stack(job.losses[-len(window):]).mean().item()])[0]
             record = _log_record(step, loss, lr, window, cfg.tokens_per_step_per_rank * n_ranks)
             record["skipped_steps"] = job.skipped_steps  # so far: non-finite updates left out
-            with checkpoint.agreed_writes(comm, out / "metrics.jsonl"):  # SYNC: did rank 0's write work?
+            with job.watched(f"the metrics line's write verdict after step {step}"), \
+                    checkpoint.agreed_writes(comm, out / "metrics.jsonl"):  # SYNC: did rank 0's write work?
                 if rank == 0:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -263,7 +264,9 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
                   f"at most ({1e3 * sum(writer.stalls) / len(writer.stalls):.0f} ms mean) per checkpoint; "
                   f"newest {writer.written[-1]}")
     wall = time.perf_counter() - t_run
-    if tracer is not None and tracer.finish(comm, cfg.trace):  # SYNC: gathers every rank's events to rank 0
+    with job.watched("the trace's gather"):
+        traced = tracer is not None and tracer.finish(comm, cfg.trace)  # SYNC: every rank's events to rank 0
+    if traced:
         print(f"trace of steps 0-{min(cfg.steps, cfg.trace_steps) - 1}: {cfg.trace} (open in ui.perfetto.dev)")
     return _finish(job, first_val, val_loss, wall, metrics)
 
@@ -387,7 +390,8 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         "phases": summary,
     }
     if cfg.sync == "async":
-        result.update(comm.bcast(job.mode.summary(), root=0))  # SYNC: the server's figures, on every rank
+        with job.watched("the server's summary"):
+            result.update(comm.bcast(job.mode.summary(), root=0))  # SYNC: the server's figures, on every rank
         # every gradient the server took (applied or dropped) is one worker's batch
         result["tokens_per_s"] = perf["tokens_per_s"] = (
             result["gradients_this_run"] * cfg.tokens_per_step_per_rank / max(1e-9, result["async_wall_s"]))
@@ -398,11 +402,13 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
             text = bytes(model.generate(prompt, cfg.sample, generator=g)[0, 1:].tolist()).decode("utf-8", "replace")
         print(f"--- sample ({cfg.sample} tokens) ---\n{text}\n---")
     out = Path(cfg.out)
-    with checkpoint.agreed_writes(comm, out / "summary.json"):  # SYNC: did rank 0's write work?
+    with job.watched("the summary's write verdict"), \
+            checkpoint.agreed_writes(comm, out / "summary.json"):  # SYNC: did rank 0's write work?
         if rank == 0:
             metrics.close()
             (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    with checkpoint.agreed_writes(comm, out / "model.pt"):  # SYNC: did rank 0's write work?
+    with job.watched("the final model's write verdict"), \
+            checkpoint.agreed_writes(comm, out / "model.pt"):  # SYNC: did rank 0's write work?
         if rank == 0:
             checkpoint.save(out / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": cfg.steps})
     if rank == 0:

@@ -631,7 +631,7 @@ class Watchdog:
         sys.stderr.write(head + "\n" + detail)
         sys.stderr.flush()
         time.sleep(0.5)  # let the launcher forward the lines before the job is torn down
-        WORLD.Abort(3)
+        abort_job(3)
 
 
 class TimedWatchdog:
@@ -681,6 +681,18 @@ class _Waiting:
             self.dog._waits.pop(threading.get_ident(), None)
 
 
+def abort_job(code: int) -> None:
+    """End the whole job: ``MPI_Abort``, then this process in any case.
+
+    ``MPI_Abort`` asks the launcher to kill every rank; when the launcher cannot act (its node
+    stopped, or cut off by a dead link) it returns and the rank would live on (seen with the
+    chaos bench: a rank re-probing its peers forever), so the process exits by itself, which the
+    launcher's other proxies see as a dead rank once they can.
+    """
+    WORLD.Abort(code)
+    os._exit(code)
+
+
 def run_main(fn, *args, **kwargs) -> int:
     """Run an entry point under the project's error policy and return its exit status.
 
@@ -703,7 +715,7 @@ def run_main(fn, *args, **kwargs) -> int:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             return 2
         print(f"[rank {WORLD.Get_rank()}] error: {err}", file=sys.stderr, flush=True)
-        WORLD.Abort(2)
+        abort_job(2)
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - anything unexpected must take the whole job down
@@ -714,5 +726,5 @@ def run_main(fn, *args, **kwargs) -> int:
         # Abort makes the launcher kill every process at once; its output forwarding can lose
         # what is still in the pipe (seen: a traceback missing 1 run in 3), so give it a moment
         time.sleep(0.5)
-        WORLD.Abort(1)
-    return 1  # not reached: Abort does not return
+        abort_job(1)
+    return 1  # not reached: abort_job does not return
