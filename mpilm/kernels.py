@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import math
 import os
 import platform
@@ -106,6 +107,18 @@ def _build(verbose: bool):
     sources = [str(SOURCE_DIR / name) for name in (CPU_SOURCE, SHM_SOURCE)]
     sources += [str(SOURCE_DIR / CUDA_SOURCE)] if with_cuda else []
     defines = ["-DMPILM_WITH_CUDA"] if with_cuda else []
+    built = build_dir / f"{name}.so"
+    if built.is_file():
+        # the name hashes the sources, torch, Python and the machine: a module of that name is
+        # these sources, built; import it without ninja or the lock (every rank of every run
+        # otherwise waits its turn for ninja to say "no work to do", seconds each on a busy node)
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module, cuda_note
+        except ImportError:
+            pass  # a half-written file from a killed build: build it again below, under the lock
     with open(root / f"{name}.lock", "w") as lock_file:
         # blocks while another process (another rank of this node) compiles the same sources
         fcntl.flock(lock_file, fcntl.LOCK_EX)
