@@ -95,3 +95,16 @@ def test_usage_errors_before_any_launch(argv, message, capsys):
     status, _, err = bench(["sync-modes", *argv], capsys)
     assert status == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_repeats_pair_each_row_with_the_sync_run_of_its_repeat():
+    def run(wall, end_loss):
+        return {"wall_s": wall, "final_val_loss": end_loss,
+                "curve": [{"t_s": 0.0, "val_loss": 5.0, "tokens": 0}, {"t_s": wall, "val_loss": end_loss, "tokens": 1}]}
+
+    sync = {"mode": "sync", "bytes_per_step": 100.0, **run(10, 2.0), "by_repeat": {0: run(10, 2.0), 1: run(20, 2.0), 2: run(30, 2.0)}}
+    fast = {"mode": "diloco-50", "bytes_per_step": 2.0, **run(10, 2.0),
+            "by_repeat": {0: run(5, 2.0), 1: run(10, 2.0), 2: run(30, 2.0)}}  # the last repeat under a heavier load
+    sync_modes.add_ratios([sync, fast])
+    assert fast["time_ratio"] == pytest.approx(0.5) and fast["reach_share"] == pytest.approx(0.5)
+    assert fast["bytes_fewer"] == pytest.approx(50) and sync["time_ratio"] == 1
