@@ -29,13 +29,15 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 COMPRESSORS = ("none", "fp16", "bf16", "topk")
 TOPK_AGGREGATES = ("allgather", "gtopk")
+TOPK_ADAM = ("plain", "frozen", "precondition", "precondition-momentum")  # mpilm.optim.TOPK_ADAM
 DATA_IO = ("scatter", "mpiio")
 ZERO_STAGES = (0, 1)
 SYNC_MODES = ("sync", "async", "local", "diloco")
 # options that mean something only in one --sync mode
 MODE_OPTIONS = {"local_steps": ("local", "diloco"), "local_average_optimizer": ("local",),
                 "outer_lr": ("diloco",), "outer_momentum": ("diloco",), "outer_nesterov": ("diloco",),
-                "momentum_correction": ("sync",), "max_staleness": ("async",), "staleness_lr": ("async",)}
+                "momentum_correction": ("sync",), "topk_adam": ("sync",), "topk_adam_warmup": ("sync",),
+                "max_staleness": ("async",), "staleness_lr": ("async",)}
 # algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
@@ -153,6 +155,20 @@ class TrainConfig:
     momentum_correction: bool = opt(False, "topk: DGC momentum correction (accumulate velocity, not gradient; needs --optimizer sgd, whose momentum it replaces)")
     topk_warmup_steps: int = opt(0, "topk: density decays exponentially from 25%% to --topk-ratio over this many steps", check=non_negative)
     local_clip: float = opt(0.0, "topk: clip each rank's gradient norm before accumulation (0 disables)", check=non_negative)
+    topk_adam: str = opt("precondition-momentum",
+                         "topk with --optimizer adamw: how Adam meets the sparse, error-fed sum (README "
+                         "'Convergence with compression'). precondition-momentum: each rank takes Adam's whole "
+                         "update (its own second and first moments) before top-k, and error feedback sends "
+                         "the sum of those updates, which the optimizer applies with decoupled decay (no extra "
+                         "bytes); precondition: only the second moment before top-k, the first moment after; "
+                         "frozen: 1-bit Adam, dense AdamW for --topk-adam-warmup steps, then the second moment "
+                         "frozen; plain: AdamW on the sparse sum (its second moment squares the bursts and "
+                         "normalises them away). The sparse sum is not clipped (--grad-clip applies in plain, and "
+                         "in frozen's dense steps)", choices=TOPK_ADAM)
+    topk_adam_warmup: int = opt(30, "--topk-adam's early phase: precondition variants: the density decays "
+                                    "exponentially from 25%% to --topk-ratio over this many steps (0: none); "
+                                    "frozen: dense steps of plain AdamW before the second moment freezes (at "
+                                    "least 1; they send dense bytes)", check=non_negative)
     # evaluation and output
     eval_every: int = opt(100, "evaluate the validation loss every N steps (and at the end)", check=positive)
     eval_batches: int = opt(8, "validation batches (of --batch-size sequences, spread over all ranks) per evaluation", check=positive)
@@ -185,6 +201,14 @@ class TrainConfig:
     @property
     def tokens_per_step_per_rank(self) -> int:
         return self.batch_size * self.block_size * self.grad_accum
+
+    @property
+    def topk_adam_in_effect(self) -> str:
+        """The ``--topk-adam`` variant this run uses: its own with synchronous top-k under AdamW, else
+        ``plain`` (no top-k, SGD, or another --sync mode, whose top-k, if any, is not Adam's input)."""
+        if self.compress == "topk" and self.optimizer == "adamw" and self.sync == "sync":
+            return self.topk_adam
+        return "plain"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,13 +329,31 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--momentum-correction needs --compress topk and --optimizer sgd (it takes over SGD's momentum)")
     if cfg.momentum_correction and not cfg.error_feedback:
         raise UsageError("--momentum-correction accumulates velocity in the residual: it needs --error-feedback")
+    defaults = {f.name: f.default for f in _fields()}
+    if cfg.topk_adam != defaults["topk_adam"] and (cfg.compress != "topk" or cfg.optimizer != "adamw"):
+        raise UsageError(f"--topk-adam {cfg.topk_adam} applies only with --compress topk and --optimizer adamw")
+    if cfg.topk_adam_warmup != defaults["topk_adam_warmup"] and cfg.topk_adam_in_effect == "plain":
+        raise UsageError("--topk-adam-warmup applies only to --topk-adam precondition-momentum, precondition or "
+                         "frozen under --compress topk and --optimizer adamw (plain's density warm-up is "
+                         "--topk-warmup-steps)")
+    if cfg.topk_warmup_steps != defaults["topk_warmup_steps"] and cfg.topk_adam_in_effect.startswith("precondition"):
+        raise UsageError(f"--topk-warmup-steps with --topk-adam {cfg.topk_adam_in_effect}: this variant's density "
+                         "warm-up is --topk-adam-warmup")
+    if cfg.topk_adam_in_effect == "frozen" and cfg.topk_adam_warmup < 1:
+        raise UsageError("--topk-adam frozen needs --topk-adam-warmup >= 1 (the second moment is taken from "
+                         "those dense steps)")
+    if cfg.topk_adam_in_effect == "precondition-momentum" and not cfg.error_feedback:
+        raise UsageError("--topk-adam precondition-momentum accumulates the first moment in the residual: it "
+                         "needs --error-feedback")
+    if cfg.topk_adam_in_effect == "frozen" and cfg.topk_adam_warmup >= cfg.steps:
+        raise UsageError(f"--topk-adam-warmup {cfg.topk_adam_warmup} must be below --steps {cfg.steps} (the "
+                         "second moment freezes after it; every step would be dense)")
     if cfg.zero == 1 and cfg.compress == "topk":
         raise UsageError("--zero 1 with --compress topk: top-k pairs have no reduce-scatter half; "
                          "use --compress none|fp16|bf16 with --zero 1, or --zero 0")
     if cfg.zero == 1 and cfg.allreduce not in SHARDED_ALGORITHMS:
         raise UsageError(f"--zero 1 with --allreduce {cfg.allreduce}: it needs an algorithm with reduce-scatter and "
                          f"allgather halves ({', '.join(SHARDED_ALGORITHMS)})")
-    defaults = {f.name: f.default for f in _fields()}
     for name, modes in MODE_OPTIONS.items():
         if cfg.sync not in modes and getattr(cfg, name) != defaults[name]:
             raise UsageError(f"--{name.replace('_', '-')} applies only with --sync {' or '.join(modes)} "

@@ -2,6 +2,16 @@
 
 - AdamW (default): decoupled weight decay on matrices and embeddings only (biases and norms are
   not decayed), betas (0.9, 0.95) as for GPT training; SGD with momentum as the alternative.
+- AdamW under top-k compression (``--topk-adam``; why plain AdamW suffers there: ``comm/compress.py``):
+  ``topk_adam_compressor`` says what the compressor must do, ``build(..., topk_adam=)`` builds the
+  optimizer that matches it: ``plain`` torch's AdamW on the sparse aggregate; ``frozen``
+  ``FrozenVarianceAdamW`` (1-bit Adam, arXiv 2102.02888: AdamW while the exchange is dense, then
+  the second moment frozen); ``precondition`` ``PreconditionedAdamW`` (the gradients arrive
+  already divided by each rank's own sqrt(v) + eps: first moment, bias correction and decoupled
+  decay only); ``precondition-momentum`` the same with the first moment in the compressor too
+  (beta1 0 here). ``clip_limit`` is the clip that still makes sense for the optimizer's next step:
+  none where the averaged gradient is a sparse, error-fed sum (clipping it would discard what the
+  residuals owe) or already in units of the update.
 - Schedule: linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to
   ``lr * min_lr_ratio`` at the last step.
 - ``clip_``: scales the averaged gradients so their *global* norm is at most ``max_norm``.
@@ -34,10 +44,47 @@ from mpilm import trace
 from mpilm.comm import collectives
 
 
-def build(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+TOPK_ADAM = ("plain", "frozen", "precondition", "precondition-momentum")
+
+
+def build(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9, *,
+          topk_adam: str = "plain", freeze_step: int = 0) -> torch.optim.Optimizer:
+    """The optimizer ``name``; for adamw under top-k, the ``topk_adam`` variant (``freeze_step``: frozen's)."""
     params = [p for p in params if p.requires_grad]
     return _from_groups([p for p in params if decays(p)], [p for p in params if not decays(p)],
-                        name, lr, weight_decay, momentum)
+                        name, lr, weight_decay, momentum, topk_adam, freeze_step)
+
+
+def topk_adam_compressor(topk_adam: str, adam_warmup: int = 0, density_warmup: int = 0) -> dict:
+    """The top-k compressor options (``compress.make_compressor`` keywords) variant ``topk_adam`` needs.
+
+    ``adam_warmup`` (``--topk-adam-warmup``) is the variant's early phase: ``frozen``'s dense steps,
+    the precondition variants' density warm-up (25% down to the target, as DGC's). ``plain`` keeps
+    DGC's own ``density_warmup`` (``--topk-warmup-steps``).
+    """
+    adam = (ADAMW_BETAS[1], ADAMW_EPS)
+    if topk_adam == "plain":
+        return {"warmup_steps": density_warmup}
+    if topk_adam == "frozen":
+        return {"dense_steps": adam_warmup, "warmup_steps": density_warmup}
+    if topk_adam == "precondition":
+        return {"precondition": adam, "warmup_steps": adam_warmup}
+    if topk_adam == "precondition-momentum":
+        return {"precondition": adam, "first_moment": ADAMW_BETAS[0], "warmup_steps": adam_warmup}
+    raise ValueError(f"unknown --topk-adam {topk_adam!r}")
+
+
+def clip_limit(optimizer, max_norm: float) -> float:
+    """The global-norm clip to apply before ``optimizer``'s next step: ``max_norm``, or 0 (measure only)
+    where the averaged gradient is a sparse error-fed sum feeding a linear update, or is already
+    normalised per coordinate (clipping would discard what the residuals owe)."""
+    if isinstance(optimizer, PreconditionedAdamW):
+        return 0.0
+    if isinstance(optimizer, FrozenVarianceAdamW) and optimizer.frozen:
+        return 0.0
+    return max_norm
 
 
 def decays(p: torch.Tensor) -> bool:
@@ -45,14 +92,112 @@ def decays(p: torch.Tensor) -> bool:
     return p.dim() >= 2
 
 
-def _from_groups(decayed, plain, name, lr, weight_decay, momentum) -> torch.optim.Optimizer:
+def _from_groups(decayed, plain, name, lr, weight_decay, momentum, topk_adam="plain",
+                 freeze_step=0) -> torch.optim.Optimizer:
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    if name == "adamw" and topk_adam == "frozen":
+        return FrozenVarianceAdamW(groups, freeze_step, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
+    if name == "adamw" and topk_adam in ("precondition", "precondition-momentum"):
+        return PreconditionedAdamW(groups, lr=lr, beta1=ADAMW_BETAS[0] if topk_adam == "precondition" else 0.0)
+    if name == "adamw" and topk_adam == "plain":
+        return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+class FrozenVarianceAdamW(torch.optim.AdamW):
+    """torch's AdamW for the first ``freeze_step`` steps, then the same update with the second moment
+    (and its bias correction) held at its value after step ``freeze_step`` (1-bit Adam's frozen
+    variance). The first ``freeze_step`` steps are ``torch.optim.AdamW.step`` itself (bit for bit);
+    afterwards the update is linear in the gradient, so error feedback's delayed sums arrive intact.
+
+    State: torch AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter); ``freeze_step``
+    comes from the configuration, so a checkpoint resumes it through ``state_dict`` unchanged.
+    Limits: no amsgrad, maximize, capturable or differentiable (the trainer uses none of them).
+    """
+
+    def __init__(self, params, freeze_step: int, **adamw):
+        if freeze_step < 1:
+            raise ValueError(f"FrozenVarianceAdamW: freeze_step must be >= 1, got {freeze_step}")
+        super().__init__(params, **adamw)
+        self.freeze_step = int(freeze_step)
+
+    @property
+    def steps_taken(self) -> int:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "step" in self.state.get(p, {}):
+                    return int(self.state[p]["step"])
+        return 0
+
+    @property
+    def frozen(self) -> bool:
+        """True once the second moment no longer changes (the next step is past ``freeze_step``)."""
+        return self.steps_taken >= self.freeze_step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("FrozenVarianceAdamW.step takes no closure")
+        if not self.frozen:
+            return super().step()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            # the second moment's bias correction stays where it was when v stopped changing
+            correction2_sqrt = math.sqrt(1 - beta2 ** self.freeze_step)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                step = float(state["step"])
+                p.mul_(1 - lr * decay)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                denom = (state["exp_avg_sq"].sqrt() / correction2_sqrt).add_(eps)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
+        return None
+
+
+class PreconditionedAdamW(torch.optim.Optimizer):
+    """AdamW for gradients that arrive already divided by sqrt(v) + eps (``--topk-adam precondition``:
+    each rank's compressor did it with its own second moment, before top-k and error feedback).
+
+    Per parameter: m = beta1 m + (1 - beta1) g (``lerp``, as torch's AdamW), p *= 1 - lr decay,
+    p -= lr m / (1 - beta1^step). With ``beta1 = 0`` (the first moment was taken before the
+    compressor, ``precondition-momentum``) the update is p -= lr g and no moment is kept.
+    State: ``step`` (a float tensor, as torch's AdamW) and ``exp_avg`` per parameter.
+    """
+
+    def __init__(self, params, lr: float, beta1: float = ADAMW_BETAS[0], weight_decay: float = 0.0):
+        if not 0 <= beta1 < 1:
+            raise ValueError(f"PreconditionedAdamW: beta1 must be in [0, 1), got {beta1}")
+        super().__init__(params, {"lr": lr, "beta1": beta1, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("PreconditionedAdamW.step takes no closure")
+        for group in self.param_groups:
+            lr, beta1, decay = group["lr"], group["beta1"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                p.mul_(1 - lr * decay)
+                if beta1 > 0:
+                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                    p.add_(state["exp_avg"], alpha=-lr / (1 - beta1 ** float(state["step"])))
+                else:
+                    p.add_(p.grad, alpha=-lr)
+        return None
 
 
 def lr_at(step: int, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -142,7 +142,7 @@ class Run:
             if cfg.zero:
                 norm = optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
             else:
-                norm = optim.clip_(list(grads.flat.values()), cfg.grad_clip)
+                norm = optim.clip_(list(grads.flat.values()), optim.clip_limit(self.optimizer, cfg.grad_clip))
             # sync: the norm of the *averaged* gradient, the same on every rank, so every rank skips
             # alike (one device sync per step on CUDA)
             finite = bool(torch.isfinite(norm))
@@ -321,7 +321,9 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
         compressor = compress.make_compressor(
             cfg.compress, topk_ratio=cfg.topk_ratio, error_feedback=cfg.error_feedback,
             aggregate=cfg.topk_aggregate, momentum_correction=cfg.momentum_correction, momentum=cfg.momentum,
-            local_clip=cfg.local_clip, warmup_steps=cfg.topk_warmup_steps).bind(grad_comm, cfg.allreduce)
+            local_clip=cfg.local_clip,  # and the density warm-up, which --topk-adam may own:
+            **optim.topk_adam_compressor(cfg.topk_adam_in_effect, cfg.topk_adam_warmup, cfg.topk_warmup_steps)
+        ).bind(grad_comm, cfg.allreduce)
     # gradients in node shared memory when an algorithm may read peers' memory directly
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, grad_comm, device,
                        shared_memory=cfg.allreduce in ("shm", "hier", "auto"),
@@ -340,7 +342,8 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     if cfg.zero:
         optimizer = optim.Zero1(grads, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum, grad_comm, cfg.allreduce)
     else:
-        optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
+        optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum,
+                                topk_adam=cfg.topk_adam_in_effect, freeze_step=cfg.topk_adam_warmup)
     mode = modes.make(cfg, grads, grad_comm, optimizer, compressor)
     tracer = Tracer(comm.Get_rank(), cfg.trace_steps) if cfg.trace else None
     timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)

@@ -76,7 +76,9 @@ def test_topk_count_and_dense_rule():
 def test_make_compressor_refuses_what_no_option_produces():
     # the user-facing rules live in config.check (tests/test_config.py); here only programming errors
     for bad in (dict(name="zip"), dict(name="topk", topk_ratio=0), dict(name="topk", aggregate="tree"),
-                dict(name="topk", momentum_correction=True, error_feedback=False)):
+                dict(name="topk", momentum_correction=True, error_feedback=False),
+                dict(name="topk", first_moment=0.9), dict(name="topk", first_moment=0.9, precondition=(0.95, 1e-8),
+                                                          error_feedback=False)):
         with pytest.raises(ValueError):
             compress.make_compressor(**bad)
     assert set(compress.COMPRESSORS) == {"none", "fp16", "bf16", "topk"}
@@ -156,6 +158,101 @@ def test_momentum_correction_follows_dgc():
         compressor.allreduce_(bucket, 0, SELF, "auto", step)
         assert torch.equal(bucket, expected)
         assert torch.equal(compressor._state[0].residual, v) and torch.equal(compressor._state[0].velocity, u)
+
+
+def adam_normalised(grad: torch.Tensor, v: torch.Tensor, step: int, beta2=0.95, eps=1e-8) -> torch.Tensor:
+    """The reference of ``precondition``: torch AdamW's own arithmetic on v, then g / (sqrt(v)/c + eps)."""
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return grad / (v.sqrt() / math.sqrt(1 - beta2 ** (step + 1)) + eps)
+
+
+def test_precondition_sends_top_k_of_the_adam_normalised_gradient_with_error_feedback():
+    n, ratio = 600, 0.05
+    compressor = compress.make_compressor("topk", topk_ratio=ratio, precondition=(0.95, 1e-8))
+    gen = torch.Generator().manual_seed(5)
+    v, residual = torch.zeros(n), torch.zeros(n)
+    k = compress.topk_count(n, ratio)
+    for step in range(5):
+        grad = torch.randn(n, generator=gen) * torch.linspace(0.01, 10, n)  # scales differ per coordinate
+        owed = residual + adam_normalised(grad, v, step)
+        sent = kernels.topk(owed, k, backend="torch")[0].long()
+        expected = torch.zeros(n)
+        expected[sent] = owed[sent]
+        residual = owed.clone()
+        residual[sent] = 0
+        bucket = grad.clone()
+        compressor.allreduce_(bucket, 0, SELF, "auto", step)
+        assert torch.equal(bucket, expected)
+        assert torch.equal(compressor._state[0].second_moment, v)
+        assert torch.equal(compressor._state[0].residual, residual)
+    # in units of the update whatever the gradient's scale: each step owes at most 1/sqrt(1 - beta2) per entry
+    assert float(bucket.abs().max()) <= 5 / math.sqrt(1 - 0.95)
+
+
+def test_first_moment_is_adam_momentum_accumulated_before_the_selection():
+    n, ratio, beta1 = 400, 0.05, 0.9
+    compressor = compress.make_compressor("topk", topk_ratio=ratio, precondition=(0.95, 1e-8), first_moment=beta1)
+    assert "first moment" in compressor.describe() and "second moment" in compressor.describe()
+    gen = torch.Generator().manual_seed(6)
+    second, u, owed = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    updates, delivered = torch.zeros(n), torch.zeros(n)
+    k = compress.topk_count(n, ratio)
+    for step in range(5):
+        grad = torch.randn(n, generator=gen)
+        u = beta1 * u + (1 - beta1) * adam_normalised(grad, second, step)
+        updates += u
+        owed = owed + u
+        sent = kernels.topk(owed, k, backend="torch")[0].long()
+        expected = torch.zeros(n)
+        expected[sent] = owed[sent]
+        owed[sent] = 0  # the first moment itself stays whole (no DGC masking)
+        bucket = grad.clone()
+        compressor.allreduce_(bucket, 0, SELF, "auto", step)
+        delivered += bucket
+        assert torch.allclose(bucket, expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(compressor._state[0].velocity, u, rtol=1e-5, atol=1e-7)
+    # what was sent plus what is owed is the sum of this rank's Adam updates
+    assert torch.allclose(delivered + compressor._state[0].residual, updates, rtol=1e-5, atol=1e-5)
+    # a dense bucket (ratio 1 at two ranks would be; here forced by dense_steps) keeps the first moment too
+    dense = compress.make_compressor("topk", topk_ratio=ratio, precondition=(0.95, 1e-8), first_moment=beta1,
+                                     dense_steps=1)
+    bucket = torch.ones(n)
+    dense.allreduce_(bucket, 0, SELF, "auto", 0)
+    assert torch.allclose(bucket, dense._state[0].velocity) and dense._state[0].velocity.abs().min() > 0
+
+
+def test_dense_steps_go_dense_with_nothing_held_back_then_sparse():
+    compressor = compress.make_compressor("topk", topk_ratio=0.1, dense_steps=2)
+    assert "dense for the first 2 steps" in compressor.describe()
+    for step, nonzero in ((0, 1000), (1, 1000), (2, 100), (3, 100)):
+        bucket = torch.randn(1000, generator=torch.Generator().manual_seed(step))
+        grad = bucket.clone()
+        compressor.allreduce_(bucket, 0, SELF, "auto", step)
+        assert int((bucket != 0).sum()) == nonzero
+        if step < 2:  # one rank: the dense average is the gradient itself
+            assert torch.equal(bucket, grad) and not compressor._state[0].residual.any()
+
+
+def test_precondition_state_round_trips_bit_exactly():
+    options = dict(topk_ratio=0.05, precondition=(0.95, 1e-8), first_moment=0.9)
+    straight, resumed = compress.make_compressor("topk", **options), compress.make_compressor("topk", **options)
+    grads = [torch.randn(500, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    outputs = []
+    for step, grad in enumerate(grads):
+        bucket = grad.clone()
+        straight.allreduce_(bucket, 2, SELF, "auto", step)
+        outputs.append(bucket)
+        if step == 2:
+            resumed.load_state_dict(straight.state_dict())
+            assert set(straight.state_dict()["buckets"][2]) == {"residual", "velocity", "second_moment"}
+    for step, grad in list(enumerate(grads))[3:]:
+        bucket = grad.clone()
+        resumed.allreduce_(bucket, 2, SELF, "auto", step)
+        assert torch.equal(bucket, outputs[step])
+    old_format = {"buckets": {0: {"residual": torch.zeros(4), "velocity": None}}}  # before second moments
+    plain = compress.make_compressor("topk")
+    plain.load_state_dict(old_format)
+    assert plain._state[0].second_moment is None and plain._state[0].numel == 4
 
 
 def test_local_clip_scales_the_bucket_norm():

@@ -3,12 +3,13 @@
 Public API (``grad_sync.GradBuffer`` calls it once per bucket and step, on its communication
 thread when overlap is on):
     make_compressor(name, *, topk_ratio=0.01, error_feedback=True, aggregate="allgather",
-                    momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0)
+                    momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0,
+                    dense_steps=0, precondition=None, first_moment=0.0)
     reducer = compressor.bind(comm, algorithm)                 the reducer protocol below, on ``comm``
     reducer.reduce(bucket, step) -> BucketTiming              average ``bucket.view`` over the ranks
     reducer.reduce_scatter(bucket, step) -> BucketTiming      ZeRO-1: only this rank's shard averaged
     compressor.allreduce_(tensor, key, comm, algorithm, step)  the same on a bare tensor (tests, bench)
-    compressor.state_dict() / load_state_dict(state)           residuals and velocities (topk)
+    compressor.state_dict() / load_state_dict(state)           residuals, velocities, second moments (topk)
     compressor.name, compressor.describe()                      one line for the start banner
     COMPRESSORS, TOPK_AGGREGATES                                 the names ``make_compressor`` takes
 
@@ -59,6 +60,26 @@ The compressors:
       their sum would then have norm at most local_clip). Per bucket, the unit the compressor sees.
     * ``warmup_steps``: the density decays exponentially from 25% at step 0 to the target at step
       ``warmup_steps`` (density(step) = 0.25 (target/0.25)^(step/warmup_steps)), target after.
+- Options of ``topk`` for AdamW (``--topk-adam``, chosen in ``optim.topk_adam_compressor``): Adam
+  divides every coordinate by the root of its second moment, so a coordinate that error feedback
+  sends once in ~1/density steps, as one burst of everything it held back, has its burst squared
+  into that moment and its magnitude normalised away: Adam moves it a few learning rates per
+  burst, where dense Adam would have moved it a learning rate per step.
+    * ``dense_steps``: every bucket goes dense (residuals flushed) before step ``dense_steps``:
+      the dense warm-up of 1-bit Adam, whose optimizer then freezes its second moment
+      (``optim.FrozenVarianceAdamW``), which makes Adam linear in the gradient again.
+    * ``precondition=(beta2, eps)``: Adam's normalisation moves in front of the compressor.
+      Each rank keeps the second moment of its *own* dense gradient, v = beta2 v + (1 - beta2)
+      g^2, and sends top-k of g / (sqrt(v / (1 - beta2^(step+1))) + eps) (plus residual): the
+      selection, the residual and the sum are in units of the update, and the optimizer
+      (``optim.PreconditionedAdamW``) keeps only Adam's first moment and decoupled decay. The
+      ranks' v differ (each sees its own batches); the sum they send does not, so every rank
+      still takes the same step. No extra bytes.
+    * ``first_moment=beta1`` (with ``precondition``): the first moment moves in front as well:
+      each rank keeps u = beta1 u + (1 - beta1) g~ whole (unlike DGC, nothing is masked where
+      sent) and error feedback sends top-k of the accumulated u, so the pairs sent plus the
+      residual are exactly the sum of this rank's Adam updates; the optimizer applies the
+      averaged sum without momentum. Dense buckets send u plus the residual and keep u.
 - Bytes: every MPI call made here adds what it moves to ``world.traffic`` (the dense paths are
   counted by the collectives), so the compression ratio is measured, not computed.
 
@@ -66,7 +87,9 @@ What it does not: no bucketing or scheduling (``grad_sync.py``); option checks b
 arguments it is handed (``config.check`` is the one validator of the command line).
 
 Limits: ``topk`` needs float32 buckets of fewer than 2^31 elements; every rank must call with the
-same bucket sizes, keys, steps and options (the pair counts are derived, not exchanged).
+same bucket sizes, keys, steps and options (the pair counts are derived, not exchanged). With
+``precondition`` the second moment is updated before the trainer sees the step's norm, so a
+non-finite gradient stays in that rank's v (the trainer then skips steps until --max-bad-steps).
 """
 
 from __future__ import annotations
@@ -261,6 +284,7 @@ class _TopkState:
     numel: int
     residual: torch.Tensor | None
     velocity: torch.Tensor | None
+    second_moment: torch.Tensor | None = None  # precondition: this rank's own Adam v
     # packed pairs [k int32 indices | k fp32 values as int32 bits], grown to the largest k seen
     pack: torch.Tensor | None = None
     buffers: dict = field(default_factory=dict)
@@ -270,14 +294,21 @@ class TopK(Compressor):
     name = "topk"
 
     def __init__(self, ratio: float, error_feedback: bool, aggregate: str, momentum_correction: bool,
-                 momentum: float, local_clip: float, warmup_steps: int):
+                 momentum: float, local_clip: float, warmup_steps: int, dense_steps: int = 0,
+                 precondition: tuple[float, float] | None = None, first_moment: float = 0.0):
         self.ratio = ratio
         self.error_feedback = error_feedback
         self.aggregate = aggregate
-        self.momentum_correction = momentum_correction
-        self.momentum = momentum
         self.local_clip = local_clip
         self.warmup_steps = warmup_steps
+        self.dense_steps = dense_steps
+        self.precondition = precondition
+        # a velocity: DGC's u = m u + g (zeroed where sent), or Adam's first moment u = b1 u + (1 - b1) g~
+        # (first_moment=b1, kept whole)
+        self.momentum_correction = momentum_correction or first_moment > 0
+        self.momentum = first_moment if first_moment > 0 else momentum
+        self.velocity_gain = 1.0 - first_moment if first_moment > 0 else 1.0
+        self.mask_velocity = momentum_correction
         self._state: dict[int, _TopkState] = {}
         self._dense_reported = False
         kernels.load()  # build or load now (serialised across the ranks of a node), not in step 1
@@ -289,8 +320,16 @@ class TopK(Compressor):
             parts.append("gtopk: global top-k by recursive doubling, 2k lg p pairs per rank")
         else:
             parts.append("allgather of (int32 index, fp32 value) pairs")
-        if self.momentum_correction:
+        if self.precondition is not None:
+            parts.append(f"each rank's gradient divided by the root of its own Adam second moment before "
+                         f"selection (beta2={self.precondition[0]:g})")
+        if self.momentum_correction and not self.mask_velocity:
+            parts.append(f"Adam's first moment (beta1={self.momentum:g}) accumulated and sent; optimizer runs "
+                         "without momentum")
+        elif self.momentum_correction:
             parts.append(f"DGC momentum correction (m={self.momentum:g}; optimizer runs without momentum)")
+        if self.dense_steps > 0:
+            parts.append(f"dense for the first {self.dense_steps} steps")
         if self.local_clip > 0:
             parts.append(f"local clip {self.local_clip:g}/sqrt(p) per bucket")
         if self.warmup_steps > 0:
@@ -305,19 +344,19 @@ class TopK(Compressor):
         raise ValueError("topk: the sparse exchange has no reduce-scatter half (ZeRO-1 needs --compress none|fp16|bf16)")
 
     def state_dict(self) -> dict:
-        """Per bucket: the residual (and DGC velocity) this rank holds back; differs per rank."""
-        return {"buckets": {key: {"residual": s.residual, "velocity": s.velocity} for key, s in self._state.items()},
+        """Per bucket: the residual (and velocity, second moment) this rank holds; differs per rank."""
+        return {"buckets": {key: {"residual": s.residual, "velocity": s.velocity, "second_moment": s.second_moment}
+                            for key, s in self._state.items()},
                 "dense_reported": self._dense_reported}
 
     def load_state_dict(self, state: dict) -> None:
         self._state = {}
         for key, saved in state.get("buckets", {}).items():
-            like = saved["residual"] if saved["residual"] is not None else saved["velocity"]
-            numel = like.numel() if like is not None else 0
+            saved = {name: saved.get(name) for name in ("residual", "velocity", "second_moment")}
+            like = next((t for t in saved.values() if t is not None), None)
             self._state[int(key)] = _TopkState(
-                numel=numel,
-                residual=None if saved["residual"] is None else saved["residual"].clone(),
-                velocity=None if saved["velocity"] is None else saved["velocity"].clone())
+                numel=like.numel() if like is not None else 0,
+                **{name: None if t is None else t.clone() for name, t in saved.items()})
         self._dense_reported = bool(state.get("dense_reported", False))
 
     # ------------------------------------------------------------ per-step entry point
@@ -331,17 +370,20 @@ class TopK(Compressor):
         p = comm.Get_size()
         state = self._bucket_state(key, bucket)
         k = topk_count(n, self.density(step))
-        if goes_dense(n, k, p, self.aggregate):
-            if self.local_clip > 0:
-                self._clip_local_(bucket, p)
-            self._report_dense(comm, key, n, k, p)
-            self._dense_(bucket, state, comm, algorithm)
-            return
+        warming = step < self.dense_steps
         with self._computing():
             if self.local_clip > 0:
                 self._clip_local_(bucket, p)
+            if self.precondition is not None:
+                self._precondition_(bucket, state, step)
+        if warming or goes_dense(n, k, p, self.aggregate):
+            if not warming:
+                self._report_dense(comm, key, n, k, p)
+            self._dense_(bucket, state, comm, algorithm)
+            return
+        with self._computing():
             if self.momentum_correction:
-                state.velocity.mul_(self.momentum).add_(bucket)  # u = m u + g
+                self._accumulate_velocity_(state, bucket)
                 source = state.velocity
             else:
                 source = bucket
@@ -351,7 +393,7 @@ class TopK(Compressor):
         else:
             self._allgather_exchange_(bucket, state, k, comm)
             delivered = idx
-        if self.momentum_correction:
+        if self.mask_velocity:
             state.velocity.index_fill_(0, delivered.long(), 0.0)  # DGC momentum factor masking
 
     # ------------------------------------------------------------ pieces
@@ -362,10 +404,32 @@ class TopK(Compressor):
             state = self._state[key] = _TopkState(
                 numel=bucket.numel(),
                 residual=zeros() if self.error_feedback else None,
-                velocity=zeros() if self.momentum_correction else None)
+                velocity=zeros() if self.momentum_correction else None,
+                second_moment=zeros() if self.precondition is not None else None)
         elif state.numel != bucket.numel():
             raise ValueError(f"topk: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
         return state
+
+    def _precondition_(self, bucket: torch.Tensor, state: _TopkState, step: int) -> None:
+        """Adam's normalisation of this rank's own gradient, in place (torch AdamW's arithmetic).
+
+        v = beta2 v + (1 - beta2) g^2, then g / (sqrt(v) / sqrt(1 - beta2^(step+1)) + eps). ``step``
+        is the 0-based step, so the correction counts every step this bucket was reduced in.
+        """
+        beta2, eps = self.precondition
+        v = state.second_moment
+        v.mul_(beta2).addcmul_(bucket, bucket, value=1.0 - beta2)
+        denom = self._buffer(state, "denom", v.numel(), torch.float32, v.device)
+        torch.sqrt(v, out=denom)
+        denom.div_(math.sqrt(1.0 - beta2 ** (step + 1))).add_(eps)
+        bucket.div_(denom)
+
+    def _accumulate_velocity_(self, state: _TopkState, bucket: torch.Tensor) -> None:
+        """u = m u + g (DGC), or u = b1 u + (1 - b1) g (Adam's first moment, ``first_moment``)."""
+        if self.velocity_gain == 1.0:
+            state.velocity.mul_(self.momentum).add_(bucket)
+        else:
+            state.velocity.mul_(self.momentum).add_(bucket, alpha=self.velocity_gain)
 
     def _clip_local_(self, bucket: torch.Tensor, p: int) -> None:
         limit = self.local_clip / math.sqrt(p)
@@ -384,9 +448,10 @@ class TopK(Compressor):
     def _dense_(self, bucket, state, comm, algorithm) -> None:
         """Dense transport with the same bookkeeping: everything held back is sent now."""
         if self.momentum_correction:
-            state.velocity.mul_(self.momentum).add_(bucket)
+            self._accumulate_velocity_(state, bucket)
             bucket.copy_(state.velocity)
-            state.velocity.zero_()
+            if self.mask_velocity:  # DGC: everything is sent; Adam's first moment stays whole
+                state.velocity.zero_()
         if self.error_feedback:
             bucket.add_(state.residual)
             state.residual.zero_()
@@ -555,7 +620,8 @@ def _merge_top(first_idx, first_val, second_idx, second_val, k):
 # ---------------------------------------------------------------- construction
 def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool = True,
                     aggregate: str = "allgather", momentum_correction: bool = False, momentum: float = 0.9,
-                    local_clip: float = 0.0, warmup_steps: int = 0) -> Compressor:
+                    local_clip: float = 0.0, warmup_steps: int = 0, dense_steps: int = 0,
+                    precondition: tuple[float, float] | None = None, first_moment: float = 0.0) -> Compressor:
     """The compressor ``name`` (one of COMPRESSORS).
 
     The options are checked where the user gives them (``config.check``, before any data loads);
@@ -567,8 +633,13 @@ def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool
         return HalfPrecision(torch.float16 if name == "fp16" else torch.bfloat16)
     if name != "topk":
         raise ValueError(f"unknown compressor {name!r}: expected one of {', '.join(COMPRESSORS)}")
-    if not 0 < topk_ratio <= 1 or aggregate not in TOPK_AGGREGATES or (momentum_correction and not error_feedback):
+    velocity = momentum_correction or first_moment > 0
+    if (not 0 < topk_ratio <= 1 or aggregate not in TOPK_AGGREGATES or (velocity and not error_feedback)
+            or (first_moment > 0 and (momentum_correction or precondition is None)) or not 0 <= first_moment < 1):
         raise ValueError(f"topk: inconsistent options ratio={topk_ratio} aggregate={aggregate!r} "
-                         f"momentum_correction={momentum_correction} error_feedback={error_feedback}")
+                         f"momentum_correction={momentum_correction} error_feedback={error_feedback} "
+                         f"precondition={precondition} first_moment={first_moment}")
     return TopK(float(topk_ratio), bool(error_feedback), aggregate, bool(momentum_correction),
-                float(momentum), float(local_clip), int(warmup_steps))
+                float(momentum), float(local_clip), int(warmup_steps), int(dense_steps),
+                None if precondition is None else (float(precondition[0]), float(precondition[1])),
+                float(first_moment))
