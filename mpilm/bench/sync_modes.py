@@ -447,8 +447,9 @@ def plot(path: str, by_link: dict[str, list[dict]], title: str) -> None:
         sync = next((r for r in rows if r["mode"] == "sync"), None)
         if sync is not None:
             ax.axhline(sync["final_val_loss"], color="0.4", ls="--", lw=0.8, label="sync's final val loss")
+        # the end of training, where the rows differ; the first evaluations are far above
         ax.set_ylim(min(finals) - 0.05 * abs(min(finals)), min(max(p["val_loss"] for r in rows for p in r["curve"]),
-                                                               1.6 * max(finals)))
+                                                               1.3 * max(finals)))
         ax.set_xlabel("wall time since training started (s)")
         ax.set_ylabel("val loss")
         ax.set_title(f"{title}, link {link}")
