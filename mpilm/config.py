@@ -27,7 +27,7 @@ ALLREDUCE_ALGORITHMS = ("auto", "ring", "rhd", "tree", "shm", "hier", "mpi")
 MODELS = ("gpt", "lstm")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
-COMPRESSORS = ("none", "fp16", "bf16", "topk")
+COMPRESSORS = ("none", "fp16", "bf16", "topk", "sign")
 TOPK_AGGREGATES = ("allgather", "gtopk")
 TOPK_ADAM = ("plain", "frozen", "precondition", "precondition-momentum")  # mpilm.optim.TOPK_ADAM
 DATA_IO = ("scatter", "mpiio")
@@ -98,7 +98,7 @@ class TrainConfig:
     block_size: int = opt(128, "context length in tokens", check=positive)
     dropout: float = opt(0.0, "dropout probability", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     # optimisation
-    steps: int = opt(300, "optimizer steps", check=positive)
+    steps: int = opt(300, "optimizer steps (--sync async: the gradients the parameter server takes in all, one worker batch each, from whichever workers send them; the learning-rate schedule runs over them)", check=positive)
     batch_size: int = opt(16, "sequences per rank per micro-step (global batch = batch_size x ranks x grad_accum)", check=positive)
     grad_accum: int = opt(1, "micro-steps accumulated before each optimizer step", check=positive)
     optimizer: str = opt("adamw", "optimizer", choices=OPTIMIZERS)
@@ -146,15 +146,19 @@ class TrainConfig:
                                 check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     outer_nesterov: bool = opt(True, "diloco: Nesterov momentum in the outer optimizer")
     # gradient compression
-    compress: str = opt("none", "gradient compression on the wire (with --sync diloco: of the pseudo-gradients)",
+    compress: str = opt("none", "gradient compression on the wire (with --sync diloco: of the pseudo-gradients). "
+                                "sign: 1 bit per element plus a scale per --sign-chunk, with error feedback (~32x fewer "
+                                "bytes at 2 ranks; the allgather grows with the ranks); under AdamW it sends each rank's "
+                                "Adam update and is the one to pick: it ends closer to dense AdamW than topk at the "
+                                "same bytes (README 'Top-k and sign under AdamW')",
                         choices=COMPRESSORS)
     topk_ratio: float = opt(0.01, "topk: fraction of each bucket's entries sent per step (density)",
                             check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
-    error_feedback: bool = opt(True, "topk: keep what was not sent in a local residual and add it next step")
+    error_feedback: bool = opt(True, "topk, sign: keep what was not sent in a local residual and add it next step")
     topk_aggregate: str = opt("allgather", "topk: allgather every rank's pairs, or gtopk (re-select top-k in a recursive-doubling tree)", choices=TOPK_AGGREGATES)
     momentum_correction: bool = opt(False, "topk: DGC momentum correction (accumulate velocity, not gradient; needs --optimizer sgd, whose momentum it replaces)")
     topk_warmup_steps: int = opt(0, "topk: density decays exponentially from 25%% to --topk-ratio over this many steps", check=non_negative)
-    local_clip: float = opt(0.0, "topk: clip each rank's gradient norm before accumulation (0 disables)", check=non_negative)
+    local_clip: float = opt(0.0, "topk, sign: clip each rank's gradient norm (per bucket, to this / sqrt(ranks)) before accumulation (0 disables)", check=non_negative)
     topk_adam: str = opt("precondition-momentum",
                          "topk with --optimizer adamw: how Adam meets the sparse, error-fed sum (README "
                          "'Convergence with compression'). precondition-momentum: each rank takes Adam's whole "
@@ -169,6 +173,13 @@ class TrainConfig:
                                     "exponentially from 25%% to --topk-ratio over this many steps (0: none); "
                                     "frozen: dense steps of plain AdamW before the second moment freezes (at "
                                     "least 1; they send dense bytes)", check=non_negative)
+    sign_chunk: int = opt(2048, "sign: elements that share one fp32 scale (the chunk's mean |value|; 4 bytes each, "
+                                "beside 1 bit per element); 0: one scale per bucket", check=non_negative)
+    sign_sqrt_ranks: bool = opt(True, "sign under AdamW: multiply each rank's Adam-normalised gradient by sqrt(ranks). "
+                                      "Each rank divides by the second moment of its own batch, which holds ranks "
+                                      "times the noise of the averaged batch's, so its updates come out up to "
+                                      "sqrt(ranks) smaller than dense AdamW's (Adam's square-root scaling rule, "
+                                      "arXiv 2205.10287; the noise-dominated limit)")
     # evaluation and output
     eval_every: int = opt(100, "evaluate the validation loss every N steps (and at the end)", check=positive)
     eval_batches: int = opt(8, "validation batches (of --batch-size sequences, spread over all ranks) per evaluation", check=positive)
@@ -209,6 +220,14 @@ class TrainConfig:
         if self.compress == "topk" and self.optimizer == "adamw" and self.sync == "sync":
             return self.topk_adam
         return "plain"
+
+    @property
+    def adam_variant_in_effect(self) -> str:
+        """How AdamW meets this run's compressed exchange (an ``optim.TOPK_ADAM`` name): ``--topk-adam``
+        under top-k, precondition-momentum under synchronous sign (its only way), else ``plain``."""
+        if self.compress == "sign" and self.optimizer == "adamw" and self.sync == "sync":
+            return "precondition-momentum"
+        return self.topk_adam_in_effect
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -348,9 +367,17 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.topk_adam_in_effect == "frozen" and cfg.topk_adam_warmup >= cfg.steps:
         raise UsageError(f"--topk-adam-warmup {cfg.topk_adam_warmup} must be below --steps {cfg.steps} (the "
                          "second moment freezes after it; every step would be dense)")
-    if cfg.zero == 1 and cfg.compress == "topk":
-        raise UsageError("--zero 1 with --compress topk: top-k pairs have no reduce-scatter half; "
-                         "use --compress none|fp16|bf16 with --zero 1, or --zero 0")
+    if cfg.zero == 1 and cfg.compress in ("topk", "sign"):
+        raise UsageError(f"--zero 1 with --compress {cfg.compress}: its allgathered messages have no reduce-scatter "
+                         "half; use --compress none|fp16|bf16 with --zero 1, or --zero 0")
+    if cfg.sign_chunk != defaults["sign_chunk"] and cfg.compress != "sign":
+        raise UsageError(f"--sign-chunk applies only with --compress sign (this run has --compress {cfg.compress})")
+    if cfg.sign_sqrt_ranks != defaults["sign_sqrt_ranks"] and not (cfg.compress == "sign" and
+                                                                  cfg.adam_variant_in_effect != "plain"):
+        raise UsageError("--no-sign-sqrt-ranks applies only with --compress sign under --optimizer adamw and --sync sync")
+    if cfg.adam_variant_in_effect == "precondition-momentum" and cfg.compress == "sign" and not cfg.error_feedback:
+        raise UsageError("--compress sign under --optimizer adamw sends the sum of Adam updates through the "
+                         "residual: it needs --error-feedback")
     if cfg.zero == 1 and cfg.allreduce not in SHARDED_ALGORITHMS:
         raise UsageError(f"--zero 1 with --allreduce {cfg.allreduce}: it needs an algorithm with reduce-scatter and "
                          f"allgather halves ({', '.join(SHARDED_ALGORITHMS)})")

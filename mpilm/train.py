@@ -181,7 +181,8 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
               f"({'built' if corpus.built_now else 'reused'}, {t_build:.1f}s to load and build, {cfg.data_io})")
         if cfg.sync == "async":
             print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum per gradient | "
-                  f"{cfg.steps} gradients from each of {n_ranks - 1} worker(s), applied one by one by rank 0 | out {out}")
+                  f"{cfg.steps} gradients in all ({cfg.steps * cfg.tokens_per_step_per_rank:,} tokens) from "
+                  f"{n_ranks - 1} worker(s), whichever sends first, applied one by one by rank 0 | out {out}")
         else:
             print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
                   f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
@@ -428,7 +429,8 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")
         if cfg.sync == "async":
             busy = result["server_busy_share"]
-            print(f"async: {result['updates']} updates from {n_ranks - 1} worker(s) | staleness mean "
+            print(f"async: {result['updates']} updates from {n_ranks - 1} worker(s) "
+                  f"({result['gradients_past_budget']} more computed past the budget, not applied) | staleness mean "
                   f"{result['staleness_mean']:.2f}, histogram {result['staleness_histogram']} | "
                   f"{result['dropped_gradients']} dropped | server busy {busy:.0%}"
                   + (" (one server is the bottleneck: workers wait for it)" if busy > 0.9 else ""))

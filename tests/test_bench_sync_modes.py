@@ -38,7 +38,7 @@ def test_three_modes_on_one_token_budget(tmp_path, corpus, capsys):
                                  "--plot", str(tmp_path / "sync-modes.png"), "--", *TINY, *corpus], capsys)
     assert status == 0, err
     doc = json.loads(out.read_text())
-    assert doc["world_size"] == 2 and doc["async_steps"] == 8  # 1 worker: 2 x 4 gradients = the 8 batches of sync
+    assert doc["world_size"] == 2 and doc["async_steps"] == 8  # the server takes the 8 batches of sync's 4 steps
     rows = {r["mode"]: r for r in doc["rows"]["local"]}
     assert list(rows) == ["sync", "async", "diloco-2"]
     budget = 4 * 2 * 4 * 16
@@ -53,9 +53,11 @@ def test_three_modes_on_one_token_budget(tmp_path, corpus, capsys):
         assert row["loss_ratio"] == pytest.approx(row["final_val_loss"] / rows["sync"]["final_val_loss"])
     sync, asynchronous = rows["sync"], rows["async"]
     assert sync["bytes_fewer"] == 1 and sync["reach_share"] == pytest.approx(1)
+    # 2 workers (the same 2 computing ranks as sync's) and the server: 3 ranks
+    assert asynchronous["world_size"] == 3 and rows["sync"]["world_size"] == 2
     assert asynchronous["steps"] == 8 and asynchronous["updates"] == 8 and asynchronous["dropped_gradients"] == 0
-    # one worker: every gradient is applied before the next is computed, and it costs G up and G back
-    assert asynchronous["staleness_histogram"] == {"0": 8}
+    assert sum(asynchronous["staleness_histogram"].values()) == 8 == sum(asynchronous["gradients_per_worker"].values())
+    # every gradient costs G up and G back
     assert asynchronous["bytes_per_step"] == pytest.approx(2 * asynchronous["gradient_bytes"], rel=0.01)
     assert rows["diloco-2"]["bytes_fewer"] == pytest.approx(sync["bytes_per_step"] / rows["diloco-2"]["bytes_per_step"])
     assert (tmp_path / "sync-modes.png").stat().st_size > 0
@@ -65,9 +67,9 @@ def test_three_modes_on_one_token_budget(tmp_path, corpus, capsys):
 
 
 def test_token_budget_and_evaluation_cadence():
-    assert [sync_modes.async_steps(300, n) for n in (2, 3, 4, 5)] == [600, 450, 400, 375]
-    assert sync_modes.async_steps(7, 3) == 11  # 21 batches: 2 workers x 11 (one more than the budget)
+    assert [sync_modes.async_steps(300, n) for n in (1, 2, 3)] == [300, 600, 900]  # the server's gradients in all
     modes = {m.name: m for m in sync_modes.parse_modes("sync,async,local-16,diloco-100,sync-topk")}
+    assert [sync_modes.ranks_for(modes[m], 2) for m in ("sync", "async", "diloco-100")] == [2, 3, 2]
     assert modes["sync-topk"] == sync_modes.Mode("sync-topk", "sync", compress="topk")
     assert [sync_modes.eval_every_for(modes[m], 50, 3) for m in ("sync", "async", "local-16", "diloco-100")] == [50, 150, 64, 100]
 
@@ -87,7 +89,7 @@ def test_reach_is_linear_between_evaluations():
     (["--modes", "sync", "--", "--steps", "5"], "--steps after --: set per row"),
     (["--modes", "sync,async", "--", "--compress", "topk"], "--compress after --"),
     (["--link", "100mbit"], "--link 100mbit: only with --cluster"),
-    (["--np", "1", "--modes", "sync,async"], "--np 1: the modes exchange between ranks"),
+    (["--np", "1", "--modes", "sync,local-4"], "--np 1: the modes exchange between ranks"),
     (["--slow-rank", "2"], "--slow-rank 2: the jobs have 2 ranks"),
     (["--modes", "sync", "--", "--n-head", "3"], "--n-embd 128 must be divisible by --n-head 3"),
 ])

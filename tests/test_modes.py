@@ -137,8 +137,10 @@ def test_async_ends_with_the_servers_model_on_every_rank_and_resumes_from_its_ch
     straight = root / "straight"
     summary = train.run([*args, "--out", str(straight)])
     workers = comm.size - 1
-    assert summary["updates"] + summary["dropped_gradients"] == 8 * workers
-    assert sum(summary["staleness_histogram"].values()) == 8 * workers
+    # the budget is 8 gradients in all, from whichever workers sent them
+    assert summary["updates"] + summary["dropped_gradients"] == 8
+    assert sum(summary["staleness_histogram"].values()) == 8 == sum(summary["gradients_per_worker"].values())
+    assert 0 <= summary["gradients_past_budget"] <= workers - 1
     assert 0 <= summary["server_busy_share"] <= 1
     digest = sum(float(v.double().sum()) for v in checkpoint.load(straight / "model.pt")["model"].values())
     assert len(set(comm.allgather(digest))) == 1
@@ -188,3 +190,57 @@ def test_async_preemption_checkpoints_at_a_pause_and_resumes(tmp_path):
     again = run_cli(["-m", "mpilm.train", *args, "--resume", "auto"], np=2, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "summary.json").read_text())["updates"] == 12
+
+
+@pytest.mark.mpi(min_size=3)
+def test_async_staleness_bound_drops_exactly_the_staler_gradients(tmp_path_factory):
+    """--max-staleness 0 with two or more workers: every gradient with staleness above the bound is
+    dropped and counted, every other one applied; the budget counts both."""
+    root = shared_tmp(tmp_path_factory, "async-stale")
+    summary = train.run([*TINY, "--sync", "async", "--steps", "12", "--max-staleness", "0", "--slow-rank", "1",
+                         "--slow-factor", "3", "--out", str(root)])
+    histogram = {int(k): v for k, v in summary["staleness_histogram"].items()}
+    assert sum(histogram.values()) == 12
+    assert summary["dropped_gradients"] == sum(v for k, v in histogram.items() if k > 0)
+    assert summary["updates"] == histogram.get(0, 0) == 12 - summary["dropped_gradients"]
+    # the fast worker contributes more than the straggler, rank 1, slowed 3x
+    per_worker = {int(k): v for k, v in summary["gradients_per_worker"].items()}
+    assert per_worker.get(2, 0) > per_worker.get(1, 0)
+
+
+def test_async_shuts_down_cleanly_at_np_4(tmp_path):
+    """Three workers: the server stops each after the budget, every rank ends with its model, exit 0."""
+    from conftest import run_cli
+
+    done = run_cli(["-m", "mpilm.train", *TINY, "--sync", "async", "--steps", "9", "--out", str(tmp_path)],
+                   np=4, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["updates"] == 9 and sum(summary["gradients_per_worker"].values()) == 9
+    assert set(summary["gradients_per_worker"]) <= {"1", "2", "3"}
+
+
+def test_async_a_dead_worker_ends_the_job_within_seconds(tmp_path):
+    """A worker killed (SIGKILL) mid-run: the launcher takes the job down, nothing waits forever."""
+    import time
+
+    from conftest import run_cli
+
+    args = [*TINY, "--sync", "async", "--steps", "400", "--out", str(tmp_path)]
+    script = (
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import run, train\n"
+        "compute = run.Run.compute_gradients\n"
+        "def dying(self, step):\n"
+        "    if MPI.COMM_WORLD.rank == 2 and step == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return compute(self, step)\n"
+        "run.Run.compute_gradients = dying\n"
+        f"sys.exit(train.main({args!r}))\n"
+    )
+    t0 = time.monotonic()
+    done = run_cli(["-c", script], np=3, timeout=120)
+    assert done.returncode not in (0, 124), (done.returncode, done.stderr[-2000:])
+    assert time.monotonic() - t0 < 90
+    assert not (tmp_path / "summary.json").exists()

@@ -6,10 +6,13 @@ the other at each ``--link`` rate, and tabulates them against the ``sync`` row o
 
 - ``sync``: ``--sync sync`` (gradients averaged every step); ``sync-topk``: the same with
   ``--compress topk`` (top-k with error feedback, under the run's optimizer, AdamW by default);
-- ``async``: ``--sync async`` (rank 0 is the parameter server, N-1 workers). Its ``--steps``
-  counts each worker's gradients, so to process the N x S batches of S sync steps every worker
-  gets ``ceil(S x N / (N-1))`` (``async_steps``): at N = 2 twice S, at N = 3 1.5 x S; the
-  learning-rate schedule then runs over the same number of batches (one per server update);
+- ``async``: ``--sync async`` on N + 1 ranks: the same N ranks computing gradients (workers,
+  ranks 1..N) and one more, rank 0, the parameter server, which computes none (parameter servers
+  are extra processes, as in every PS system; the N-rank alternative, a server in place of a
+  worker, has one rank fewer computing and cannot finish sooner). Its ``--steps`` is the
+  server's budget of gradients in all, ``N x S`` (``async_steps``), taken from whichever workers
+  send them, and its ``--warmup-steps`` and ``--eval-every`` are N times the sync rows', so the
+  learning-rate schedule and the evaluations fall on the same token counts;
 - ``local-H``: ``--sync local --local-steps H``; ``diloco-H``: ``--sync diloco --local-steps H``
   (with the bench's ``--outer-lr`` / ``--outer-momentum``). ``--steps`` must be a multiple of H, so
   every run ends on an exchange.
@@ -35,7 +38,7 @@ it covers / the exchanges among them x all exchanges. In async the ranks' step c
 server counts updates, a worker its gradients) and every gradient crosses twice (G bytes of
 gradient to the server, G bytes of parameters back), so its run total is the per-step mean over
 ranks x 2 x the gradients taken. ``--slow-rank R --slow-factor F`` goes to every row (rank R
-sleeps (F-1) x its compute time each step; in async rank 0 is the server, so R >= 1 is a worker).
+sleeps (F-1) x its compute time each step; in async the same computing rank is worker R + 1).
 With ``--repeat`` every row runs that many times, in turn (every row once, then again); the row
 shows the run with the median wall time, and its time ratio and reach are the medians of each
 repeat's own (a repeat's rows run back to back, under the same load of a shared machine; whole
@@ -46,8 +49,10 @@ share the cores). ``--json`` keeps every run (its curve, summary figures and com
 draws val loss against wall time, one panel per link rate.
 
 Limits: a launcher, run as one process (not under ``mpirun -np >1``). ``--cluster`` expects the
-emulated cluster named by ``MPILM_CLUSTER`` to be up (``python -m mpilm.cluster up --nodes 2``;
-root); each ``--link`` rate is set on every node's link with ``cluster link NODE --rate`` before
+emulated cluster named by ``MPILM_CLUSTER`` to be up (``python -m mpilm.cluster up --nodes 3``;
+root), with a slot for async's server beyond the N ranks (``--np`` defaults to every slot, or every
+slot but one when an async row is listed; Hydra fills the nodes in order, so sync's N ranks take
+the first N slots and async's server and workers N + 1); each ``--link`` rate is set on every node's link with ``cluster link NODE --rate`` before
 that rate's rows and the cluster's own rate is set back at the end. Every job runs in its own
 process group, killed after ``--timeout`` seconds (on the cluster every process on its nodes too).
 Wall times on a shared machine move with its load: rows of one invocation run back to back, so
@@ -112,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cluster: link rates to run every row at, comma-separated tc rates, e.g. "
                              "100mbit,1gbit (default: the cluster's own)")
     parser.add_argument("--slow-rank", type=int, default=-1,
-                        help="make this rank a straggler in every row (async: rank 0 is the server); -1: none")
+                        help="make this rank (0..N-1) a straggler in every row (async: the same computing rank, worker R + 1); "
+                             "-1: none")
     parser.add_argument("--slow-factor", type=float, default=2.0, help="with --slow-rank: how many times slower it computes")
     parser.add_argument("--outer-lr", type=float, default=None, help="diloco rows: the outer learning rate (default: train's)")
     parser.add_argument("--outer-momentum", type=float, default=None,
@@ -167,9 +173,14 @@ def parse_modes(text: str) -> list[Mode]:
 
 
 def async_steps(steps: int, n: int) -> int:
-    """Each async worker's ``--steps`` so that the N-1 workers together process at least the
-    N x ``steps`` batches of the sync rows (exactly, when N-1 divides N x steps)."""
-    return math.ceil(steps * n / (n - 1))
+    """The async server's ``--steps`` (gradients in all, one batch each): the N x ``steps`` batches
+    of the sync rows."""
+    return steps * n
+
+
+def ranks_for(mode: Mode, n: int) -> int:
+    """The job's ranks: N, and for async N workers plus the server."""
+    return n + 1 if mode.sync == "async" else n
 
 
 def eval_every_for(mode: Mode, eval_every: int, n: int) -> int:
@@ -182,8 +193,8 @@ def eval_every_for(mode: Mode, eval_every: int, n: int) -> int:
     return eval_every
 
 
-def mode_args(mode: Mode, args, n: int, log_every: int) -> list[str]:
-    """The train options that make ``mode`` (after the shared ones, whose ``--log-every`` is ``log_every``)."""
+def mode_args(mode: Mode, args, n: int, shared: config.TrainConfig) -> list[str]:
+    """The train options that make ``mode`` (after the ``shared`` ones of every row)."""
     steps = async_steps(args.steps, n) if mode.sync == "async" else args.steps
     eval_every = eval_every_for(mode, args.eval_every, n)
     out = ["--sync", mode.sync, "--steps", str(steps), "--eval-every", str(eval_every)]
@@ -195,11 +206,13 @@ def mode_args(mode: Mode, args, n: int, log_every: int) -> list[str]:
         out += [*(["--outer-lr", f"{args.outer_lr:g}"] if args.outer_lr is not None else []),
                 *(["--outer-momentum", f"{args.outer_momentum:g}"] if args.outer_momentum is not None else [])]
     if mode.sync == "async":  # the server evaluates only on its log lines: make every evaluation one
-        out += ["--log-every", str(math.gcd(log_every, eval_every))]
+        out += ["--log-every", str(math.gcd(shared.log_every, eval_every)),
+                "--warmup-steps", str(shared.warmup_steps * n)]  # the same tokens of warm-up as sync's
         out += [*(["--max-staleness", str(args.max_staleness)] if args.max_staleness is not None else []),
                 *(["--staleness-lr"] if args.staleness_lr else [])]
-    if args.slow_rank >= 0:
-        out += ["--slow-rank", str(args.slow_rank), "--slow-factor", f"{args.slow_factor:g}"]
+    if args.slow_rank >= 0:  # the same computing rank: async's workers are ranks 1..N
+        slowed = args.slow_rank + 1 if mode.sync == "async" else args.slow_rank
+        out += ["--slow-rank", str(slowed), "--slow-factor", f"{args.slow_factor:g}"]
     return out
 
 
@@ -223,14 +236,14 @@ def _check(args, modes: list[Mode], train_args: list[str], n: int) -> config.Tra
         raise UsageError(f"--timeout {args.timeout}: must be > 0")
     if args.slow_rank >= n:
         raise UsageError(f"--slow-rank {args.slow_rank}: the jobs have {n} ranks (0-{n - 1})")
-    if n < 2 and any(m.sync != "sync" or m.compress != "none" for m in modes):
+    if n < 2 and any(m.sync in ("local", "diloco") or m.compress != "none" for m in modes):
         raise UsageError(f"--np {n}: the modes exchange between ranks; use 2 or more")
     shared = config.parse([*_CHILD_DEFAULTS, *train_args, "--out", "unused"], quiet=True)
     for mode in modes:
         if mode.local_steps and args.steps % mode.local_steps:
             raise UsageError(f"--steps {args.steps}: not a multiple of {mode.name}'s H = {mode.local_steps}, so its run "
                              "would end between exchanges (every rank on a model of its own)")
-        config.parse([*_CHILD_DEFAULTS, *train_args, *mode_args(mode, args, n, shared.log_every), "--out", "unused"],
+        config.parse([*_CHILD_DEFAULTS, *train_args, *mode_args(mode, args, n, shared), "--out", "unused"],
                      quiet=True)
     return shared  # the model, batch and data of every row
 
@@ -335,7 +348,7 @@ def run_row(mode: Mode, summary: dict, job: Job, n: int, tokens_per_batch: int) 
         "sync": mode.sync,
         "local_steps": mode.local_steps,
         "compress": mode.compress,
-        "world_size": n,
+        "world_size": ranks_for(mode, n),
         "steps": summary["steps"],
         "tokens": tokens,
         "gradient_bytes": summary["gradient_bytes"],
@@ -350,7 +363,7 @@ def run_row(mode: Mode, summary: dict, job: Job, n: int, tokens_per_batch: int) 
     }
     if is_async:
         row.update({k: summary[k] for k in ("updates", "staleness_mean", "staleness_histogram", "dropped_gradients",
-                                            "server_busy_share")})
+                                            "server_busy_share", "gradients_per_worker", "gradients_past_budget")})
     return row
 
 
@@ -510,10 +523,14 @@ def run(args) -> dict:
     nodes = _cluster_nodes() if args.cluster else None
     links = parse_links(args.link, nodes)
     if nodes is not None:
+        extra = 1 if any(m.sync == "async" for m in modes) else 0  # async's server: a slot beyond the N ranks
+        slots = nodes.nodes[0].slots * len(nodes.nodes)
         try:
-            n = cluster.launch_plan(nodes, args.np, None)[0]
+            n = cluster.launch_plan(nodes, args.np if args.np is not None else max(1, slots - extra), None)[0]
+            cluster.launch_plan(nodes, n + extra, None)
         except cluster.ClusterError as err:
-            raise UsageError(f"--np: {err}") from None
+            raise UsageError(f"--np: {err}" + (" (async rows run N + 1 ranks: N workers and the parameter server; "
+                                               "bring the cluster up with a node more)" if extra else "")) from None
     else:
         n = 2 if args.np is None else args.np
         if n < 1:
@@ -533,8 +550,8 @@ def run(args) -> dict:
              else f"this machine, {launcher}")
     slow = f", rank {args.slow_rank} slowed {args.slow_factor:g}x" if args.slow_rank >= 0 else ""
     print(f"# mpilm sync-modes: {n} ranks on {where}{slow}; budget {args.steps} sync steps = {args.steps * n} batches of "
-          f"{tokens_per_batch} tokens ({args.steps * n * tokens_per_batch:,} tokens); async: {n - 1} worker(s) x "
-          f"{async_steps(args.steps, n)} gradients; evaluations every {args.eval_every * n * tokens_per_batch:,} tokens; "
+          f"{tokens_per_batch} tokens ({args.steps * n * tokens_per_batch:,} tokens); async: {n} workers + 1 server rank, "
+          f"{async_steps(args.steps, n)} gradients in all; evaluations every {args.eval_every * n * tokens_per_batch:,} tokens; "
           f"{args.repeat} repeat(s)", flush=True)
     print(f"# train options (every row): {' '.join([*_CHILD_DEFAULTS, *train_args])}", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {link: {m.name: [] for m in modes} for link in links}
@@ -551,9 +568,10 @@ def run(args) -> dict:
                     out = root / name
                     shutil.rmtree(out, ignore_errors=True)
                     train = [sys.executable, "-m", "mpilm.train", *_CHILD_DEFAULTS, *train_args,
-                             *mode_args(mode, args, n, cfg.log_every), "--out", str(out)]
-                    cmd = ([sys.executable, "-m", "mpilm.cluster", "run", "-np", str(n), "--", *train]
-                           if nodes is not None else [launcher, "-np", str(n), *train])
+                             *mode_args(mode, args, n, cfg), "--out", str(out)]
+                    ranks = ranks_for(mode, n)
+                    cmd = ([sys.executable, "-m", "mpilm.cluster", "run", "-np", str(ranks), "--", *train]
+                           if nodes is not None else [launcher, "-np", str(ranks), *train])
                     job = launch(cmd, root / f"{name}.log", args.timeout, nodes)
                     if job.returncode != 0:  # the other rows still run; the bench exits 1 at the end
                         tail = "\n".join(text for _, text in job.lines[-30:])

@@ -4,9 +4,11 @@ Does: rank 0 is the server; it holds the master parameters (its model) and the o
 other rank is a worker: it computes a gradient on its own block with the parameters it last
 received, sends it (a small header, then each flat gradient buffer: zero-copy ``Send`` of the
 buffers the hooks fill) and waits for fresh parameters, which land directly in its flat parameter
-buffer. The server takes gradients in arrival order (``Waitany`` over one posted header receive
-per worker, no barrier), applies each one (clip, optimizer step at the schedule's learning rate)
-and answers that worker alone. A gradient's staleness is the number of updates the server applied
+buffer. The server takes gradients in arrival order (one posted header receive per worker, no
+barrier), applies each one (clip, optimizer step at the schedule's learning rate) and answers that
+worker alone. ``--steps`` is the token budget of the whole run: the server takes that many
+gradients in all, one batch each, from whichever workers send them, so a fast worker contributes
+more than a slow one and nobody waits for the straggler to finish a quota of its own. A gradient's staleness is the number of updates the server applied
 since the parameters it was computed with; with ``max_staleness`` >= 0 staler ones are dropped
 (counted, never applied: a stale update is not merely smaller, it points the wrong way), and
 ``staleness_lr`` divides the learning rate by the staleness (Zhang et al. 2016, arXiv
@@ -16,24 +18,31 @@ Points in time where all ranks meet: checkpoints and pre-emption. When the serve
 pause (every ``checkpoint_every`` updates, or a signal on any rank: workers report theirs in the
 header) it answers each worker's next gradient with PAUSE; once every worker has its answer no
 message is in flight, and all ranks run the caller's collective ``checkpoint``; the server then
-re-posts its receives. At the end each worker is answered STOP after its ``--steps``-th gradient,
-and the server's parameters are broadcast so every rank ends with the server's model.
+re-posts its receives. Once the budget is taken, each worker's next gradient (computed meanwhile)
+is answered STOP and not applied (counted as past the budget), and the server's parameters are
+broadcast so every rank ends with the server's model.
+
+The server waits by polling (``Testany``, then a sleep of 50 us doubling to 1 ms), not with
+``Waitany``: MPICH's blocking wait spins a core, and a server that shares a node with workers (or a
+small machine) would take that core from their forward and backward. The cost is at most 1 ms of
+latency after an idle spell, against steps of tens of milliseconds or more.
 
 Why two-sided messages and not MPI one-sided RMA: measured with ``tools/ps_transport.py`` (push
 9.5 MiB, pull 9.5 MiB), Send/Recv took 3.1 ms against 7.9 ms for Put/Get under a passive-target
 lock on one node (MPICH 5, shared memory), and 148 vs 149 ms across a 1 Gbit/s emulated link; and
-RMA would still need a flag the server polls to learn that a gradient arrived, which Waitany over
+RMA would still need a flag the server polls to learn that a gradient arrived, which testing the
 posted receives gives for free.
 
 Does not: shard the parameters over several servers (one server, rank 0: several would have to
 agree on every pause among themselves); overlap a worker's send with its next backward; bound a
-worker's lead over the others (the staleness rule does); pause once a worker has finished its
-``--steps`` (it waits in the final broadcast): a checkpoint or a signal due then lets the run end.
+worker's lead over the others (the staleness rule does); pause once the budget is taken: a
+checkpoint or a signal due then lets the run end.
 
 Limits: needs 2+ ranks. The order in which gradients arrive is not deterministic with 2+ workers,
-so only a one-worker run is bit-reproducible (and resumes bit-exactly). ``--steps`` counts each
-worker's gradients: W workers process W x steps batches. The learning-rate schedule runs over the
-server's updates (W x steps of them), each applying one worker's gradient at ``--lr``.
+so only a one-worker run is bit-reproducible (and resumes bit-exactly). ``--steps`` counts the
+gradients the server takes (one worker's batch each; sync's S steps at N ranks are N x S of them),
+and the learning-rate schedule, warm-up included, runs over them: each applies one worker's gradient
+at the schedule's rate. At the end up to one gradient per worker was computed past the budget.
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ class AsyncSGD:
         self.max_staleness, self.staleness_lr = max_staleness, staleness_lr
         self.version = 0  # server: updates applied; worker: the version of the parameters it holds
         self.dropped = 0
+        self.past_budget = 0  # server: gradients that arrived after the budget was taken (not applied)
+        self.per_worker: collections.Counter = collections.Counter()  # worker rank -> gradients taken from it
         self.staleness: collections.Counter = collections.Counter()  # staleness -> gradients seen (server)
         self.busy_s = 0.0  # server: seconds applying gradients and answering
         self.idle_s = 0.0  # server: seconds waiting for the next gradient
@@ -78,24 +89,33 @@ class AsyncSGD:
     # ---------------------------------------------------------------- the loop
     def train(self, run, *, checkpoint_every: int, checkpoint, signalled, log=None, evaluate_every: int = 0,
               log_every: int = 1) -> str:
-        """Run until every worker has sent ``--steps`` gradients; ``"done"`` or ``"preempted"``.
+        """Run until the server has taken ``--steps`` gradients in all; ``"done"`` or ``"preempted"``.
 
         ``checkpoint(version)``: collective, called on every rank at a pause. ``signalled()``: this
         rank got a pre-emption signal. ``log(record)``: the server's progress (every ``log_every``
         updates; with ``val_loss`` every ``evaluate_every``).
         """
-        steps = run.comm.allgather(run.step_index)  # SYNC (start-up): where each worker resumes
-        self.seen_at_start = sum(self.staleness.values())
+        is_server = self.comm.Get_rank() == SERVER
+        # SYNC (start-up): what is left of the budget, by the server's count (a resumed run may have none)
+        left = self.comm.bcast(run.cfg.steps - self.taken if is_server else None, root=SERVER)
+        self.seen_at_start = self.taken
         self.wall_start = time.perf_counter()
-        if self.comm.Get_rank() == SERVER:
-            return self._serve(run, [w for w in range(1, self.comm.Get_size()) if steps[w] < run.cfg.steps],
-                               checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every)
+        if left <= 0:
+            self._final_parameters()
+            return "done"
+        if is_server:
+            return self._serve(run, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every)
         return self._work(run, checkpoint, signalled)
+
+    @property
+    def taken(self) -> int:
+        """Server: gradients taken against the budget (applied, dropped as stale, or skipped as non-finite)."""
+        return sum(self.staleness.values())
 
     def _work(self, run, checkpoint, signalled) -> str:
         cfg, timer, comm = run.cfg, run.timer, self.comm
         header, answer = np.zeros(4), np.zeros(2, dtype=np.int64)
-        while run.step_index < cfg.steps:
+        while True:  # until the server answers STOP (its budget is taken) or a pause that ends the run
             step = run.step_index
             timer.begin_step(step)
             loss = run.compute_gradients(step)
@@ -122,13 +142,11 @@ class AsyncSGD:
         self._final_parameters()
         return "done"
 
-    def _serve(self, run, active: list[int], checkpoint_every, checkpoint, signalled, log, evaluate_every,
-               log_every) -> str:
+    def _serve(self, run, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every) -> str:
         cfg, timer, comm = run.cfg, run.timer, self.comm
-        workers = len(active)
-        total_updates = cfg.steps * (comm.Get_size() - 1)
-        headers = {w: np.zeros(4) for w in active}
-        receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in active}
+        budget = cfg.steps
+        headers = {w: np.zeros(4) for w in range(1, comm.Get_size())}
+        receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in headers}
         answer = np.zeros(2, dtype=np.int64)
         pausing, paused, stopping = False, set(), False
         window_losses, window_staleness, t_window = [], [], time.perf_counter()
@@ -138,44 +156,46 @@ class AsyncSGD:
             t0 = time.perf_counter()
             order = list(receives)
             with timer.phase("comm"), run.watched(f"a gradient from any of workers {world.compact_cores(order)}"):
-                index = MPI.Request.Waitany([receives[w] for w in order])  # SYNC: blocks on whichever worker is first
+                index = _wait_any([receives[w] for w in order])  # SYNC: blocks on whichever worker is first
             worker = order[index]
             del receives[worker]
-            version_used, step, their_signal, loss = headers[worker]
+            version_used, _, their_signal, loss = headers[worker]
             with timer.phase("comm"):
                 for flat in self.grads.flat.values():
                     _recv(comm, flat, worker, GRADIENT_TAG)  # the gradient lands where param.grad points
             t_busy = time.perf_counter()
             self.idle_s += t_busy - t0
             staleness = self.version - int(version_used)
-            self.staleness[staleness] += 1
-            if 0 <= self.max_staleness < staleness:
-                self.dropped += 1
+            if self.taken >= budget:  # computed while the last gradients of the budget were taken
+                self.past_budget += 1
             else:
-                lr = optim.lr_at(self.version, cfg.lr, total_updates, cfg.warmup_steps * workers, cfg.min_lr_ratio)
-                if run.apply_gradients(lr / max(1, staleness) if self.staleness_lr else lr):
-                    self.version += 1
-                    run.step_index = self.version  # the server's model is this many updates old
-                    window_losses.append(loss)
-                    run.losses.append(torch.tensor(loss))  # the workers' losses, as the server saw them
-                    window_staleness.append(staleness)
+                index = self.taken  # this gradient's place in the budget and in the lr schedule
+                self.staleness[staleness] += 1
+                self.per_worker[worker] += 1
+                if 0 <= self.max_staleness < staleness:
+                    self.dropped += 1
                 else:
-                    run.skipped_steps += 1
-            # a pause needs every worker: once one has finished (it waits in the final broadcast)
-            # there is none, and a late signal lets the run finish instead
-            everyone = len(active) == workers
-            if (signalled() or their_signal) and everyone:
+                    lr = optim.lr_at(index, cfg.lr, budget, cfg.warmup_steps, cfg.min_lr_ratio)
+                    if run.apply_gradients(lr / max(1, staleness) if self.staleness_lr else lr):
+                        self.version += 1
+                        run.step_index = self.version  # the server's model is this many updates old
+                        window_losses.append(loss)
+                        run.losses.append(torch.tensor(loss))  # the workers' losses, as the server saw them
+                        window_staleness.append(staleness)
+                    else:
+                        run.skipped_steps += 1
+            # a pause needs every worker; once the budget is taken they are being stopped, and a
+            # late signal or checkpoint lets the run finish instead
+            open_budget = self.taken < budget
+            if (signalled() or their_signal) and open_budget:
                 pausing = stopping = True
-            if next_checkpoint is not None and self.version >= next_checkpoint and everyone and not pausing:
+            if next_checkpoint is not None and self.version >= next_checkpoint and open_budget and not pausing:
                 pausing = True
-            finished = int(step) + 1 >= cfg.steps
             if pausing:
                 command = PAUSE_AND_STOP if stopping else PAUSE
                 paused.add(worker)
             else:
-                command = STOP if finished else CONTINUE
-            if finished:
-                active.remove(worker)  # no more gradients from it
+                command = CONTINUE if open_budget else STOP
             answer[:] = (self.version, command)
             with timer.phase("comm"):
                 comm.Send(answer, dest=worker, tag=ANSWER_TAG)
@@ -197,7 +217,7 @@ class AsyncSGD:
                 checkpoint(self.version)  # SYNC: every worker holds its answer; nothing is in flight
                 if stopping:
                     return "preempted"
-                receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in paused if w in active}
+                receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in paused}
                 paused, pausing = set(), False
                 next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every
         self._final_parameters()
@@ -213,9 +233,11 @@ class AsyncSGD:
 
     def summary(self) -> dict:
         """The server's figures (meaningful on rank 0): updates, dropped, staleness histogram, busy share."""
-        seen = sum(self.staleness.values())
+        seen = self.taken
         return {"updates": self.version, "dropped_gradients": self.dropped,
                 "gradients_this_run": seen - getattr(self, "seen_at_start", 0),
+                "gradients_past_budget": self.past_budget,
+                "gradients_per_worker": {str(k): v for k, v in sorted(self.per_worker.items())},
                 "async_wall_s": time.perf_counter() - getattr(self, "wall_start", time.perf_counter()),
                 "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
                 "staleness_mean": sum(k * v for k, v in self.staleness.items()) / seen if seen else 0.0,
@@ -224,12 +246,27 @@ class AsyncSGD:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"version": self.version, "dropped": self.dropped, "staleness": dict(self.staleness),
-                "busy_s": self.busy_s, "idle_s": self.idle_s}
+                "past_budget": self.past_budget,
+                "per_worker": dict(self.per_worker), "busy_s": self.busy_s, "idle_s": self.idle_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.version, self.dropped = int(state["version"]), int(state["dropped"])
         self.staleness = collections.Counter({int(k): int(v) for k, v in state["staleness"].items()})
         self.busy_s, self.idle_s = float(state["busy_s"]), float(state["idle_s"])
+        self.past_budget = int(state["past_budget"])
+        self.per_worker = collections.Counter({int(k): int(v) for k, v in state["per_worker"].items()})
+
+
+def _wait_any(requests: list[MPI.Request]) -> int:
+    """The index of a completed request, by polling: ``Testany``, then a sleep of 50 us doubling to
+    1 ms between polls (MPICH's ``Waitany`` would spin a core the workers may need; module docstring)."""
+    pause = 50e-6
+    while True:
+        index, done = MPI.Request.Testany(requests)
+        if done:
+            return index
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
 
 
 def _send(comm: MPI.Comm, flat: torch.Tensor, dest: int, tag: int) -> None:
