@@ -12,6 +12,10 @@
   (beta1 0 here). ``clip_limit`` is the clip that still makes sense for the optimizer's next step:
   none where the averaged gradient is a sparse, error-fed sum (clipping it would discard what the
   residuals owe) or already in units of the update.
+- AdamW under sign compression (``--compress sign``): one way only, ``precondition-momentum``'s
+  (each rank's whole Adam update goes into the compressor's error feedback; ``PreconditionedAdamW``
+  with beta1 0 applies the averaged decoded sum). ``compressor_options`` gives any compressor's
+  AdamW keywords: ``topk_adam_compressor``'s for top-k, that plan's for sign.
 - Schedule: linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to
   ``lr * min_lr_ratio`` at the last step.
 - ``clip_``: scales the averaged gradients so their *global* norm is at most ``max_norm``.
@@ -51,7 +55,8 @@ TOPK_ADAM = ("plain", "frozen", "precondition", "precondition-momentum")
 
 def build(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9, *,
           topk_adam: str = "plain", freeze_step: int = 0) -> torch.optim.Optimizer:
-    """The optimizer ``name``; for adamw under top-k, the ``topk_adam`` variant (``freeze_step``: frozen's)."""
+    """The optimizer ``name``; for adamw under top-k or sign, the ``topk_adam`` variant (``freeze_step``:
+    frozen's)."""
     params = [p for p in params if p.requires_grad]
     return _from_groups([p for p in params if decays(p)], [p for p in params if not decays(p)],
                         name, lr, weight_decay, momentum, topk_adam, freeze_step)
@@ -74,6 +79,29 @@ def topk_adam_compressor(topk_adam: str, adam_warmup: int = 0, density_warmup: i
     if topk_adam == "precondition-momentum":
         return {"precondition": adam, "first_moment": ADAMW_BETAS[0], "warmup_steps": adam_warmup}
     raise ValueError(f"unknown --topk-adam {topk_adam!r}")
+
+
+SIGN_ADAM = "precondition-momentum"  # how AdamW meets --compress sign (the only way it does)
+
+
+def compressor_options(compress: str, adam_variant: str, adam_warmup: int = 0, density_warmup: int = 0, *,
+                       sign_sqrt_ranks: bool = True) -> dict:
+    """The ``compress.make_compressor`` keywords that ``adam_variant`` (a TOPK_ADAM name, ``plain`` when
+    the optimizer is not AdamW's input) needs from compressor ``compress``.
+
+    ``topk``: ``topk_adam_compressor``'s plan. ``sign``: Adam's second and first moments in front
+    (``SIGN_ADAM``; it has no density to warm up), the normalised gradient times sqrt(ranks) unless
+    ``sign_sqrt_ranks`` is off; or nothing (``plain``: SGD, or --sync diloco's pseudo-gradients).
+    Others take none of these options.
+    """
+    if compress == "sign":
+        if adam_variant == SIGN_ADAM:
+            return {"precondition": (ADAMW_BETAS[1], ADAMW_EPS), "first_moment": ADAMW_BETAS[0],
+                    "sqrt_ranks_gain": sign_sqrt_ranks}
+        if adam_variant != "plain":
+            raise ValueError(f"--compress sign meets AdamW only as {SIGN_ADAM}, not {adam_variant!r}")
+        return {}
+    return topk_adam_compressor(adam_variant, adam_warmup, density_warmup)
 
 
 def clip_limit(optimizer, max_norm: float) -> float:

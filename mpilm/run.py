@@ -321,8 +321,9 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
         compressor = compress.make_compressor(
             cfg.compress, topk_ratio=cfg.topk_ratio, error_feedback=cfg.error_feedback,
             aggregate=cfg.topk_aggregate, momentum_correction=cfg.momentum_correction, momentum=cfg.momentum,
-            local_clip=cfg.local_clip,  # and the density warm-up, which --topk-adam may own:
-            **optim.topk_adam_compressor(cfg.topk_adam_in_effect, cfg.topk_adam_warmup, cfg.topk_warmup_steps)
+            local_clip=cfg.local_clip, sign_chunk=cfg.sign_chunk,  # and AdamW's part (density warm-up, moments):
+            **optim.compressor_options(cfg.compress, cfg.adam_variant_in_effect, cfg.topk_adam_warmup,
+                                       cfg.topk_warmup_steps, sign_sqrt_ranks=cfg.sign_sqrt_ranks)
         ).bind(grad_comm, cfg.allreduce)
     # gradients in node shared memory when an algorithm may read peers' memory directly
     grads = GradBuffer(model.named_parameters(), cfg.bucket_mb * 2**20, grad_comm, device,
@@ -343,7 +344,7 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
         optimizer = optim.Zero1(grads, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum, grad_comm, cfg.allreduce)
     else:
         optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum,
-                                topk_adam=cfg.topk_adam_in_effect, freeze_step=cfg.topk_adam_warmup)
+                                topk_adam=cfg.adam_variant_in_effect, freeze_step=cfg.topk_adam_warmup)
     mode = modes.make(cfg, grads, grad_comm, optimizer, compressor)
     tracer = Tracer(comm.Get_rank(), cfg.trace_steps) if cfg.trace else None
     timer = PhaseTimer(device, traffic=world.traffic, tracer=tracer)

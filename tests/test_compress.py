@@ -81,7 +81,7 @@ def test_make_compressor_refuses_what_no_option_produces():
                                                           error_feedback=False)):
         with pytest.raises(ValueError):
             compress.make_compressor(**bad)
-    assert set(compress.COMPRESSORS) == {"none", "fp16", "bf16", "topk"}
+    assert set(compress.COMPRESSORS) == {"none", "fp16", "bf16", "topk", "sign"}
     assert compress.make_compressor("none").name == "none"
 
 

@@ -7,7 +7,10 @@ whole family):
   ``fp16``, and ``topk`` at densities 10%, 1% and 0.1%, each with and without error feedback.
 - ``adamw``: the trainer's default optimizer (lr 2e-3, clip 1): dense ``adamw-none`` and top-k
   at 1% under each ``--topk-adam`` variant (how AdamW meets the sparse sum: ``plain`` with and
-  without error feedback, ``frozen``, ``precondition``, ``precondition-momentum``).
+  without error feedback, ``frozen``, ``precondition``, ``precondition-momentum``), then
+  ``--compress sign`` (1 bit per element of each rank's Adam update, with error feedback): as
+  shipped (a scale per 2048 elements, the update times sqrt(ranks)), without the sqrt(ranks)
+  gain, and with one scale per bucket.
 For each run: final validation loss and its ratio to its family's dense run (``none`` or
 ``adamw-none``), bytes this rank handed to MPI per step (measured by the collectives and
 compressors, averaged over ranks; and the reduction against the dense run), and the comm and
@@ -63,7 +66,10 @@ ADAMW_VARIANTS = {
     "adamw-topk-plain-warmup": [*_ADAMW_TOPK, "plain", "--topk-warmup-steps", "30"],
     "adamw-topk-frozen": [*_ADAMW_TOPK, "frozen"],
     "adamw-topk-precondition": [*_ADAMW_TOPK, "precondition"],
-    "adamw-topk-precondition-momentum": [*_ADAMW_TOPK, "precondition-momentum"],  # the default
+    "adamw-topk-precondition-momentum": [*_ADAMW_TOPK, "precondition-momentum"],  # topk's default
+    "adamw-sign": [*_ADAMW, "--compress", "sign"],  # --sign-chunk 2048, updates times sqrt(ranks)
+    "adamw-sign-no-sqrt-ranks": [*_ADAMW, "--compress", "sign", "--no-sign-sqrt-ranks"],
+    "adamw-sign-per-bucket": [*_ADAMW, "--compress", "sign", "--sign-chunk", "0"],
 }
 FAMILIES = {"sgd": SGD_VARIANTS, "adamw": ADAMW_VARIANTS}
 VARIANTS = {**SGD_VARIANTS, **ADAMW_VARIANTS}

@@ -4,12 +4,12 @@ Public API (``grad_sync.GradBuffer`` calls it once per bucket and step, on its c
 thread when overlap is on):
     make_compressor(name, *, topk_ratio=0.01, error_feedback=True, aggregate="allgather",
                     momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0,
-                    dense_steps=0, precondition=None, first_moment=0.0)
+                    dense_steps=0, precondition=None, first_moment=0.0, sign_chunk=2048)
     reducer = compressor.bind(comm, algorithm)                 the reducer protocol below, on ``comm``
     reducer.reduce(bucket, step) -> BucketTiming              average ``bucket.view`` over the ranks
     reducer.reduce_scatter(bucket, step) -> BucketTiming      ZeRO-1: only this rank's shard averaged
     compressor.allreduce_(tensor, key, comm, algorithm, step)  the same on a bare tensor (tests, bench)
-    compressor.state_dict() / load_state_dict(state)           residuals, velocities, second moments (topk)
+    compressor.state_dict() / load_state_dict(state)           residuals, velocities, second moments (topk, sign)
     compressor.name, compressor.describe()                      one line for the start banner
     COMPRESSORS, TOPK_AGGREGATES                                 the names ``make_compressor`` takes
 
@@ -80,13 +80,30 @@ The compressors:
       sent) and error feedback sends top-k of the accumulated u, so the pairs sent plus the
       residual are exactly the sum of this rank's Adam updates; the optimizer applies the
       averaged sum without momentum. Dense buckets send u plus the residual and keep u.
+- ``sign`` (scaled sign with error feedback: EF-signSGD, arXiv 1901.09847; the 1-bit
+  compression of 1-bit Adam, arXiv 2102.02888): per bucket, e = gradient + residual travels as
+  one bit per element (e >= 0; zero counts as positive), packed 8 to a byte (element 8i + j is
+  bit j of byte i), and one fp32 scale per chunk of ``sign_chunk`` elements (0: one per bucket;
+  the last chunk may be shorter): the mean |e| over the chunk, the scale that minimises the L2
+  error of scale x sign(e). The decoded value is +-scale; the residual keeps e minus it exactly
+  as the ranks will decode it, so what was sent plus the residual equals the gradient plus the
+  old residual (to fp32 rounding of one subtraction). Every rank's message [scales | bits] goes
+  to every rank (one ``Allgather``; every rank's message has the same length), each rank adds
+  the decoded vectors in rank order and divides by p: identical bits everywhere. Each rank sends
+  (p - 1)(ceil(n/8) + 4 ceil(n/chunk)) bytes, ~32x fewer than a dense ring at p = 2; the
+  allgather grows with p, so from p ~ 60 the bucket goes dense (the rule of ``topk``). Under
+  AdamW (``optim.compressor_options``) the same ``precondition`` and ``first_moment`` as top-k's:
+  e is the sum of this rank's Adam updates u = b1 u + (1 - b1) g / (sqrt(v) + eps) not yet sent,
+  a vector of near-uniform magnitude, where one bit and a scale lose little. ``local_clip`` as
+  for ``topk``; no warm-up (two dense first steps, all the byte budget allows, did not help). Pure
+  torch (CPU or CUDA).
 - Bytes: every MPI call made here adds what it moves to ``world.traffic`` (the dense paths are
   counted by the collectives), so the compression ratio is measured, not computed.
 
 What it does not: no bucketing or scheduling (``grad_sync.py``); option checks beyond the
 arguments it is handed (``config.check`` is the one validator of the command line).
 
-Limits: ``topk`` needs float32 buckets of fewer than 2^31 elements; every rank must call with the
+Limits: ``topk`` and ``sign`` need float32 buckets (``topk``: of fewer than 2^31 elements); every rank must call with the
 same bucket sizes, keys, steps and options (the pair counts are derived, not exchanged). With
 ``precondition`` the second moment is updated before the trainer sees the step's norm, so a
 non-finite gradient stays in that rank's v (the trainer then skips steps until --max-bad-steps).
@@ -105,10 +122,11 @@ from mpi4py import MPI
 from mpilm import kernels, trace
 from mpilm.comm import collectives, p2p, world
 
-COMPRESSORS = ("none", "fp16", "bf16", "topk")
+COMPRESSORS = ("none", "fp16", "bf16", "topk", "sign")
 TOPK_AGGREGATES = ("allgather", "gtopk")
 WARMUP_START_DENSITY = 0.25
 PAIR_BYTES = 8  # int32 index + fp32 value
+SIGN_CHUNK_DEFAULT = 2048  # sign: elements per fp32 scale
 _TAG_GTOPK = 7301
 
 
@@ -150,6 +168,36 @@ def dense_bytes(n: int, p: int) -> int:
 def goes_dense(n: int, k: int, p: int, aggregate: str) -> bool:
     """True when a dense allreduce moves no more bytes than the sparse exchange (never for p == 1)."""
     return p > 1 and sparse_bytes(k, p, aggregate) >= dense_bytes(n, p)
+
+
+def sign_chunk_of(n: int, chunk: int) -> int:
+    """Elements per scale in a bucket of n: ``chunk``, or the whole bucket (chunk 0, or n smaller)."""
+    return n if chunk <= 0 else min(chunk, n)
+
+
+def sign_message_bytes(n: int, chunk: int) -> int:
+    """One rank's sign message for n elements: an fp32 scale per chunk, then ceil(n/8) bytes of bits."""
+    if n == 0:
+        return 0
+    return 4 * -(-n // sign_chunk_of(n, chunk)) + -(-n // 8)
+
+
+def sign_bytes(n: int, chunk: int, p: int) -> int:
+    """Bytes one rank sends to allgather its sign message over p ranks."""
+    return (p - 1) * sign_message_bytes(n, chunk) if p > 1 else 0
+
+
+def adam_normalise_(grad: torch.Tensor, v: torch.Tensor, denom: torch.Tensor, step: int, beta2: float,
+                    eps: float) -> None:
+    """Adam's normalisation of one rank's own gradient, in place (torch AdamW's arithmetic).
+
+    v = beta2 v + (1 - beta2) g^2, then g / (sqrt(v) / sqrt(1 - beta2^(step+1)) + eps); ``denom``
+    is scratch of g's length. ``step`` is 0-based, so the correction counts every step so far.
+    """
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    torch.sqrt(v, out=denom)
+    denom.div_(math.sqrt(1.0 - beta2 ** (step + 1))).add_(eps)
+    grad.div_(denom)
 
 
 # ---------------------------------------------------------------- compressors
@@ -277,6 +325,61 @@ class HalfPrecision(Compressor):
             bucket[lo // half.element_size():lo // half.element_size() + mine.numel()].copy_(mine)
 
 
+class _ErrorFedCompressor(Compressor):
+    """What ``topk`` and ``sign`` share: per-bucket scratch, the one-message allgather, local clip,
+    and the one-time notice that a bucket goes dense. Subclasses hold ``_state`` (per bucket, each
+    with a ``buffers`` dict) and ``_dense_reported``."""
+
+    local_clip = 0.0
+
+    def _buffer(self, state, name: str, numel: int, dtype=torch.int32, device="cpu") -> torch.Tensor:
+        """A per-bucket scratch buffer grown to the largest size asked for (k shrinks in warm-up)."""
+        buf = state.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = state.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def _on_wire(self, state, t: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` itself when MPI can read it, else a host copy (CUDA without CUDA-aware MPI)."""
+        if not t.is_cuda or world.cuda_aware():
+            return t
+        host = self._buffer(state, name, t.numel(), t.dtype)
+        host.copy_(t)  # synchronous device-to-host copy: the data is complete when MPI reads it
+        return host
+
+    def _allgather_(self, state, message: torch.Tensor, comm) -> torch.Tensor:
+        """Every rank's ``message`` (the same length on every rank), as rows [p, len] in rank order,
+        on ``message``'s device. SYNC: blocks until every rank has contributed."""
+        p, length = comm.Get_size(), message.numel()
+        wire = self._on_wire(state, message, "message_host")
+        gathered = self._buffer(state, "gathered", p * length, wire.dtype, wire.device)
+        if p > 1:
+            p2p.device_sync(wire)  # CUDA-aware MPI reads what the compressor just wrote: let it finish
+            memory, _, datatype = world.buf(gathered)
+            # receive spec: ``length`` elements from each rank
+            p2p.private_comm(comm).Allgather(world.buf(wire), [memory, length, datatype])
+            moved = length * wire.element_size() * (p - 1)
+            world.traffic.add(sent=moved, received=moved)
+        else:
+            gathered.copy_(wire)
+        if gathered.device != message.device:
+            gathered = gathered.to(message.device)
+        return gathered.view(p, length)
+
+    def _clip_local_(self, bucket: torch.Tensor, p: int) -> None:
+        """DGC's local clipping: this rank's bucket scaled to an L2 norm of at most local_clip / sqrt(p)."""
+        limit = self.local_clip / math.sqrt(p)
+        # stays a tensor: no host sync on CUDA
+        bucket.mul_(torch.clamp(limit / (bucket.norm() + 1e-6), max=1.0))
+
+    def _report_dense_once(self, comm, text: str) -> None:
+        if self._dense_reported:
+            return
+        self._dense_reported = True
+        if comm.Get_rank() == 0:
+            print(f"warning: {text} (further dense buckets are not reported)", flush=True)
+
+
 @dataclass
 class _TopkState:
     """Per-bucket state of the top-k compressor."""
@@ -290,7 +393,7 @@ class _TopkState:
     buffers: dict = field(default_factory=dict)
 
 
-class TopK(Compressor):
+class TopK(_ErrorFedCompressor):
     name = "topk"
 
     def __init__(self, ratio: float, error_feedback: bool, aggregate: str, momentum_correction: bool,
@@ -411,18 +514,10 @@ class TopK(Compressor):
         return state
 
     def _precondition_(self, bucket: torch.Tensor, state: _TopkState, step: int) -> None:
-        """Adam's normalisation of this rank's own gradient, in place (torch AdamW's arithmetic).
-
-        v = beta2 v + (1 - beta2) g^2, then g / (sqrt(v) / sqrt(1 - beta2^(step+1)) + eps). ``step``
-        is the 0-based step, so the correction counts every step this bucket was reduced in.
-        """
-        beta2, eps = self.precondition
+        """``adam_normalise_`` with this bucket's own second moment (this rank's, differs per rank)."""
         v = state.second_moment
-        v.mul_(beta2).addcmul_(bucket, bucket, value=1.0 - beta2)
-        denom = self._buffer(state, "denom", v.numel(), torch.float32, v.device)
-        torch.sqrt(v, out=denom)
-        denom.div_(math.sqrt(1.0 - beta2 ** (step + 1))).add_(eps)
-        bucket.div_(denom)
+        adam_normalise_(bucket, v, self._buffer(state, "denom", v.numel(), torch.float32, v.device), step,
+                        *self.precondition)
 
     def _accumulate_velocity_(self, state: _TopkState, bucket: torch.Tensor) -> None:
         """u = m u + g (DGC), or u = b1 u + (1 - b1) g (Adam's first moment, ``first_moment``)."""
@@ -431,19 +526,10 @@ class TopK(Compressor):
         else:
             state.velocity.mul_(self.momentum).add_(bucket, alpha=self.velocity_gain)
 
-    def _clip_local_(self, bucket: torch.Tensor, p: int) -> None:
-        limit = self.local_clip / math.sqrt(p)
-        # stays a tensor: no host sync on CUDA
-        bucket.mul_(torch.clamp(limit / (bucket.norm() + 1e-6), max=1.0))
-
     def _report_dense(self, comm, key, n, k, p) -> None:
-        if self._dense_reported:
-            return
-        self._dense_reported = True
-        if comm.Get_rank() == 0:
-            print(f"warning: topk: bucket {key} ({n} elements, k={k}) goes dense at {p} ranks: the sparse "
-                  f"{self.aggregate} would send {sparse_bytes(k, p, self.aggregate)} bytes per rank, a dense "
-                  f"allreduce {dense_bytes(n, p)} (further dense buckets are not reported)", flush=True)
+        self._report_dense_once(comm, f"topk: bucket {key} ({n} elements, k={k}) goes dense at {p} ranks: the "
+                                      f"sparse {self.aggregate} would send {sparse_bytes(k, p, self.aggregate)} bytes "
+                                      f"per rank, a dense allreduce {dense_bytes(n, p)}")
 
     def _dense_(self, bucket, state, comm, algorithm) -> None:
         """Dense transport with the same bookkeeping: everything held back is sent now."""
@@ -462,13 +548,6 @@ class TopK(Compressor):
             state.pack = torch.empty(2 * k, dtype=torch.int32, device=device)
         return state.pack[: 2 * k]
 
-    def _buffer(self, state: _TopkState, name: str, numel: int, dtype=torch.int32, device="cpu") -> torch.Tensor:
-        """A per-bucket scratch buffer grown to the largest size asked for (k shrinks in warm-up)."""
-        buf = state.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = state.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
-
     def _select(self, source: torch.Tensor, state: _TopkState, k: int):
         """k pairs written straight into the pack buffer: int32 indices, then fp32 values."""
         pack = self._pack(state, k, source.device)
@@ -479,29 +558,9 @@ class TopK(Compressor):
             kernels.topk(source, k, out_idx, out_val)
         return out_idx, out_val
 
-    def _on_wire(self, state: _TopkState, t: torch.Tensor, name: str) -> torch.Tensor:
-        """``t`` itself when MPI can read it, else a host copy (CUDA without CUDA-aware MPI)."""
-        if not t.is_cuda or world.cuda_aware():
-            return t
-        host = self._buffer(state, name, t.numel(), t.dtype)
-        host.copy_(t)  # synchronous device-to-host copy: the data is complete when MPI reads it
-        return host
-
     def _allgather_exchange_(self, bucket, state, k, comm) -> None:
-        p = comm.Get_size()
-        pack = self._on_wire(state, self._pack(state, k, bucket.device), "pack_host")
-        gathered = self._buffer(state, "gathered", p * 2 * k, device=pack.device)
-        if p > 1:
-            p2p.device_sync(pack)  # CUDA-aware MPI reads the selection's output: let it finish
-            memory, _, datatype = world.buf(gathered)
-            # receive spec: 2k words from each rank; blocks until every rank has contributed
-            p2p.private_comm(comm).Allgather(world.buf(pack), [memory, 2 * k, datatype])
-            world.traffic.add(sent=PAIR_BYTES * k * (p - 1), received=PAIR_BYTES * k * (p - 1))
-        else:
-            gathered.copy_(pack)
-        if gathered.device != bucket.device:
-            gathered = gathered.to(bucket.device)
-        rows = gathered.view(p, 2 * k)
+        rows = self._allgather_(state, self._pack(state, k, bucket.device), comm)  # SYNC
+        p = rows.shape[0]
         with self._computing():
             bucket.zero_()
             for r in range(p):  # rank order: every rank adds the same values in the same order
@@ -605,6 +664,172 @@ class TopK(Compressor):
         return cur_idx, cur_val, flags.to(own_idx.device).bool()
 
 
+@dataclass
+class _SignState:
+    """Per-bucket state of the sign compressor: each tensor the bucket's length, or None when unused."""
+
+    numel: int
+    residual: torch.Tensor | None  # error feedback: what this rank still owes
+    first_moment: torch.Tensor | None = None  # AdamW: this rank's u
+    second_moment: torch.Tensor | None = None  # AdamW: this rank's v
+    buffers: dict = field(default_factory=dict)
+
+
+_SIGN_STATE = ("residual", "first_moment", "second_moment")
+
+
+class ScaledSign(_ErrorFedCompressor):
+    """``sign``: 1 bit per element plus one fp32 scale per chunk, with error feedback (module docstring)."""
+
+    name = "sign"
+
+    def __init__(self, chunk: int, error_feedback: bool, precondition: tuple[float, float] | None = None,
+                 first_moment: float = 0.0, local_clip: float = 0.0, sqrt_ranks_gain: bool = False):
+        self.chunk = chunk
+        self.sqrt_ranks_gain = sqrt_ranks_gain
+        self.error_feedback = error_feedback
+        self.precondition = precondition
+        self.first_moment = first_moment
+        self.local_clip = local_clip
+        self._state: dict[int, _SignState] = {}
+        self._dense_reported = False
+
+    def describe(self) -> str:
+        per = f"per {self.chunk} elements" if self.chunk > 0 else "per bucket"
+        parts = [f"sign: 1 bit per element + one fp32 scale (mean |x|) {per}, allgathered",
+                 "error feedback" if self.error_feedback else "no error feedback (what a scale x sign misses is dropped)"]
+        if self.precondition is not None:
+            parts.append(f"each rank's gradient divided by the root of its own Adam second moment "
+                         f"(beta2={self.precondition[0]:g})")
+        if self.sqrt_ranks_gain:
+            parts.append("times sqrt(ranks)")
+        if self.first_moment > 0:
+            parts.append(f"Adam's first moment (beta1={self.first_moment:g}) accumulated and sent; optimizer "
+                         "runs without momentum")
+        if self.local_clip > 0:
+            parts.append(f"local clip {self.local_clip:g}/sqrt(p) per bucket")
+        return ", ".join(parts)
+
+    def reduce_scatter_(self, bucket, key, comm, algorithm, step):
+        raise ValueError("sign: the allgathered bits have no reduce-scatter half (ZeRO-1 needs --compress none|fp16|bf16)")
+
+    def state_dict(self) -> dict:
+        """Per bucket: residual, first and second moments (this rank's own; they differ per rank)."""
+        return {"buckets": {key: {"numel": s.numel, **{name: getattr(s, name) for name in _SIGN_STATE}}
+                            for key, s in self._state.items()},
+                "dense_reported": self._dense_reported}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {}
+        for key, saved in state.get("buckets", {}).items():
+            self._state[int(key)] = _SignState(
+                numel=int(saved["numel"]),
+                **{name: None if saved.get(name) is None else saved[name].clone() for name in _SIGN_STATE})
+        self._dense_reported = bool(state.get("dense_reported", False))
+
+    # ------------------------------------------------------------ per-step entry point
+    def allreduce_(self, bucket, key, comm, algorithm, step):
+        comm = comm or world.WORLD
+        if bucket.dtype != torch.float32:
+            raise TypeError(f"sign compression needs float32 gradient buckets, got {bucket.dtype}")
+        n = bucket.numel()
+        if n == 0:
+            return
+        p = comm.Get_size()
+        state = self._bucket_state(key, bucket)
+        with self._computing():  # bucket becomes e: everything this rank owes
+            if self.local_clip > 0:
+                self._clip_local_(bucket, p)
+            if self.precondition is not None:
+                adam_normalise_(bucket, state.second_moment, self._buffer(state, "denom", n, torch.float32, bucket.device),
+                                step, *self.precondition)
+                if self.sqrt_ranks_gain:  # this rank's v holds p times the noise of the averaged gradient's
+                    bucket.mul_(math.sqrt(p))
+            if self.first_moment > 0:
+                state.first_moment.mul_(self.first_moment).add_(bucket, alpha=1.0 - self.first_moment)
+                bucket.copy_(state.first_moment)
+            if self.error_feedback:
+                bucket.add_(state.residual)
+        if p > 1 and sign_bytes(n, self.chunk, p) >= dense_bytes(n, p):
+            self._report_dense_once(comm, f"sign: bucket {key} ({n} elements) goes dense at {p} ranks: the "
+                                          f"allgather would send {sign_bytes(n, self.chunk, p)} bytes per rank, "
+                                          f"a dense allreduce {dense_bytes(n, p)}")
+            if self.error_feedback:  # everything owed is sent now
+                state.residual.zero_()
+            collectives.allreduce(bucket, comm, algorithm, "avg")
+            return
+        with self._computing():
+            message = self._encode(state, bucket)
+            mine = self._decode(state, message, n, "mine")  # exactly what every rank will add for this rank
+            if self.error_feedback:
+                torch.sub(bucket, mine, out=state.residual)
+        rows = self._allgather_(state, message, comm)  # SYNC
+        with self._computing():
+            bucket.zero_()
+            for r in range(p):  # rank order: every rank adds the same values in the same order
+                bucket.add_(mine if r == comm.Get_rank() else self._decode(state, rows[r], n, "theirs"))
+            bucket.div_(p)
+
+    # ------------------------------------------------------------ pieces
+    def _bucket_state(self, key: int, bucket: torch.Tensor) -> _SignState:
+        state = self._state.get(key)
+        if state is None:
+            zeros = lambda: torch.zeros(bucket.numel(), dtype=torch.float32, device=bucket.device)  # noqa: E731
+            state = self._state[key] = _SignState(
+                numel=bucket.numel(),
+                residual=zeros() if self.error_feedback else None,
+                first_moment=zeros() if self.first_moment > 0 else None,
+                second_moment=zeros() if self.precondition is not None else None)
+        elif state.numel != bucket.numel():
+            raise ValueError(f"sign: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
+        return state
+
+    def _layout(self, n: int) -> tuple[int, int, int]:
+        """(elements per chunk, chunks, bytes of bits) of an n-element bucket."""
+        chunk = sign_chunk_of(n, self.chunk)
+        return chunk, -(-n // chunk), -(-n // 8)
+
+    def _bit_weights(self, state, device) -> torch.Tensor:
+        weights = state.buffers.get("bit_weights")
+        if weights is None:
+            weights = state.buffers["bit_weights"] = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8,
+                                                                  device=device)
+        return weights
+
+    def _encode(self, state, e: torch.Tensor) -> torch.Tensor:
+        """The message [chunks fp32 scales | ceil(n/8) bytes of sign bits] of ``e``, as uint8."""
+        n = e.numel()
+        chunk, chunks, nbytes = self._layout(n)
+        message = self._buffer(state, "message", 4 * chunks + nbytes, torch.uint8, e.device)
+        scales = message[: 4 * chunks].view(torch.float32)
+        magnitude = self._buffer(state, "magnitude", chunks * chunk, torch.float32, e.device)
+        torch.abs(e, out=magnitude[:n])
+        magnitude[n:].zero_()
+        torch.sum(magnitude.view(chunks, chunk), dim=1, out=scales)
+        scales[: chunks - 1].div_(chunk)
+        scales[chunks - 1:].div_(n - (chunks - 1) * chunk)  # the last chunk may be shorter
+        bits = self._buffer(state, "bits", nbytes * 8, torch.uint8, e.device)
+        bits[:n].copy_(e >= 0)
+        bits[n:].zero_()
+        torch.sum(bits.view(nbytes, 8) * self._bit_weights(state, e.device), dim=1, dtype=torch.uint8,
+                  out=message[4 * chunks:])
+        return message
+
+    def _decode(self, state, message: torch.Tensor, n: int, name: str) -> torch.Tensor:
+        """+-scale per element from one rank's message, into the scratch buffer ``name`` (n floats)."""
+        chunk, chunks, nbytes = self._layout(n)
+        scales = self._buffer(state, "scales", chunks, torch.float32, message.device)
+        scales.view(torch.uint8).copy_(message[: 4 * chunks])  # a peer's row need not start 4-byte aligned
+        padded = max(nbytes * 8, chunks * chunk)
+        positive = self._buffer(state, "positive", padded, torch.bool, message.device)
+        torch.ne(message[4 * chunks:].unsqueeze(1) & self._bit_weights(state, message.device), 0,
+                 out=positive[: nbytes * 8].view(nbytes, 8))
+        out = self._buffer(state, name, chunks * chunk, torch.float32, message.device)
+        torch.where(positive[: chunks * chunk].view(chunks, chunk), scales[:, None], -scales[:, None],
+                    out=out.view(chunks, chunk))
+        return out[:n]
+
+
 def _merge_top(first_idx, first_val, second_idx, second_val, k):
     """Union of two sparse sets (duplicate indices summed, ``first`` added first), then its top k.
 
@@ -621,7 +846,8 @@ def _merge_top(first_idx, first_val, second_idx, second_val, k):
 def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool = True,
                     aggregate: str = "allgather", momentum_correction: bool = False, momentum: float = 0.9,
                     local_clip: float = 0.0, warmup_steps: int = 0, dense_steps: int = 0,
-                    precondition: tuple[float, float] | None = None, first_moment: float = 0.0) -> Compressor:
+                    precondition: tuple[float, float] | None = None, first_moment: float = 0.0,
+                    sign_chunk: int = SIGN_CHUNK_DEFAULT, sqrt_ranks_gain: bool = False) -> Compressor:
     """The compressor ``name`` (one of COMPRESSORS).
 
     The options are checked where the user gives them (``config.check``, before any data loads);
@@ -631,6 +857,15 @@ def make_compressor(name: str, *, topk_ratio: float = 0.01, error_feedback: bool
         return Compressor()
     if name in ("fp16", "bf16"):
         return HalfPrecision(torch.float16 if name == "fp16" else torch.bfloat16)
+    if name == "sign":  # the top-k-only options (ratio, aggregate, DGC momentum, warm-ups) do not apply
+        if (sign_chunk < 0 or momentum_correction or dense_steps or not 0 <= first_moment < 1
+                or (sqrt_ranks_gain and precondition is None)
+                or (first_moment > 0 and (precondition is None or not error_feedback))):
+            raise ValueError(f"sign: inconsistent options chunk={sign_chunk} momentum_correction={momentum_correction} "
+                             f"error_feedback={error_feedback} precondition={precondition} first_moment={first_moment}")
+        return ScaledSign(int(sign_chunk), bool(error_feedback),
+                          None if precondition is None else (float(precondition[0]), float(precondition[1])),
+                          float(first_moment), float(local_clip), bool(sqrt_ranks_gain))
     if name != "topk":
         raise ValueError(f"unknown compressor {name!r}: expected one of {', '.join(COMPRESSORS)}")
     velocity = momentum_correction or first_moment > 0
