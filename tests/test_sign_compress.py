@@ -110,6 +110,19 @@ def test_sign_state_round_trips_bit_exactly(options):
         straight.reduce_scatter_(grads[0].clone(), 2, SELF, "auto", 0)
 
 
+def test_topk_without_error_feedback_resumes():
+    """A top-k bucket with nothing to keep (no residual, no moments) starts afresh after a resume."""
+    straight = compress.make_compressor("topk", topk_ratio=0.5, error_feedback=False)
+    straight.allreduce_(torch.randn(8), 0, SELF, "auto", 0)
+    resumed = compress.make_compressor("topk", topk_ratio=0.5, error_feedback=False)
+    resumed.load_state_dict(straight.state_dict())
+    a = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    b = a.clone()
+    straight.allreduce_(a, 0, SELF, "auto", 1)
+    resumed.allreduce_(b, 0, SELF, "auto", 1)
+    assert torch.equal(a, b)
+
+
 def test_sign_byte_model_and_dense_rule():
     assert compress.sign_message_bytes(0, 2048) == 0
     assert compress.sign_message_bytes(10, 2048) == 4 + 2  # one chunk (the whole bucket), 2 bytes of bits

@@ -4,7 +4,8 @@ Public API (``grad_sync.GradBuffer`` calls it once per bucket and step, on its c
 thread when overlap is on):
     make_compressor(name, *, topk_ratio=0.01, error_feedback=True, aggregate="allgather",
                     momentum_correction=False, momentum=0.9, local_clip=0.0, warmup_steps=0,
-                    dense_steps=0, precondition=None, first_moment=0.0, sign_chunk=2048)
+                    dense_steps=0, precondition=None, first_moment=0.0, sign_chunk=2048,
+                    sqrt_ranks_gain=False)
     reducer = compressor.bind(comm, algorithm)                 the reducer protocol below, on ``comm``
     reducer.reduce(bucket, step) -> BucketTiming              average ``bucket.view`` over the ranks
     reducer.reduce_scatter(bucket, step) -> BucketTiming      ZeRO-1: only this rank's shard averaged
@@ -94,7 +95,10 @@ The compressors:
   allgather grows with p, so from p ~ 60 the bucket goes dense (the rule of ``topk``). Under
   AdamW (``optim.compressor_options``) the same ``precondition`` and ``first_moment`` as top-k's:
   e is the sum of this rank's Adam updates u = b1 u + (1 - b1) g / (sqrt(v) + eps) not yet sent,
-  a vector of near-uniform magnitude, where one bit and a scale lose little. ``local_clip`` as
+  a vector of near-uniform magnitude, where one bit and a scale lose little; with
+  ``sqrt_ranks_gain`` the normalised gradient is multiplied by sqrt(p) first (this rank's v holds
+  p times the noise of the averaged batch's, so its updates come out up to sqrt(p) smaller than
+  dense AdamW's; the noise-dominated limit, measured at p = 2). ``local_clip`` as
   for ``topk``; no warm-up (two dense first steps, all the byte budget allows, did not help). Pure
   torch (CPU or CUDA).
 - Bytes: every MPI call made here adds what it moves to ``world.traffic`` (the dense paths are
@@ -455,11 +459,12 @@ class TopK(_ErrorFedCompressor):
     def load_state_dict(self, state: dict) -> None:
         self._state = {}
         for key, saved in state.get("buckets", {}).items():
-            saved = {name: saved.get(name) for name in ("residual", "velocity", "second_moment")}
-            like = next((t for t in saved.values() if t is not None), None)
+            tensors = {name: saved.get(name) for name in ("residual", "velocity", "second_moment")}
+            like = next((t for t in tensors.values() if t is not None), None)
+            if like is None:  # no error feedback, no moments: nothing to continue (the bucket starts afresh)
+                continue
             self._state[int(key)] = _TopkState(
-                numel=like.numel() if like is not None else 0,
-                **{name: None if t is None else t.clone() for name, t in saved.items()})
+                numel=like.numel(), **{name: None if t is None else t.clone() for name, t in tensors.items()})
         self._dense_reported = bool(state.get("dense_reported", False))
 
     # ------------------------------------------------------------ per-step entry point
