@@ -19,6 +19,8 @@ from conftest import ROOT
 from mpilm.bench import chaos
 from mpilm.bench.__main__ import main as bench_main
 
+pytestmark = pytest.mark.system  # make test-system (Makefile)
+
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4"]
 
 

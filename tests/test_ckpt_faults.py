@@ -18,6 +18,8 @@ from mpilm import checkpoint
 from mpilm.errors import UsageError
 from test_cli_errors import assert_usage_error
 
+pytestmark = pytest.mark.system  # make test-system (Makefile)
+
 TINY = ["-m", "mpilm.train", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
         "--eval-every", "100", "--eval-batches", "1"]
 # sizes measured with TINY at 2 ranks (torch 2.13): a checkpoint is 2 x 132 kB rank files plus

@@ -18,6 +18,8 @@ from conftest import ROOT
 from mpilm import cluster
 from mpilm.cluster import ClusterError
 
+pytestmark = pytest.mark.system  # make test-system (Makefile)
+
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="python -m mpilm.cluster needs root (network namespaces)")
 
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.system  # make test-system (Makefile)
 
 STAGES = ("kernels", "tests", "allreduce", "train", "report")
 

@@ -22,7 +22,8 @@ import pytest
 from batchjobs import BATCH, finished, tiny_env, wait_for_checkpoint
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="python -m mpilm.cluster needs root (network namespaces)")
+pytestmark = [pytest.mark.system,  # make test-system (Makefile)
+              pytest.mark.skipif(os.geteuid() != 0, reason="python -m mpilm.cluster needs root (network namespaces)")]
 
 STEPS = 300
 QSUB = """#!/bin/sh
