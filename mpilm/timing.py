@@ -243,6 +243,8 @@ def _stats(values: list[float]) -> dict:
 def format_table(summary: dict) -> str:
     """The end-of-run phase table (milliseconds and share of step time); the phase rows and
     ``other`` add up to ``step``; rows below it (``comm_total``) overlap the phases."""
+    if not summary:  # e.g. resumed at the last step, or a run of one step: nothing after warm-up
+        return "phases: no step measured in this run (the first step of a run is warm-up and left out)"
     header = f"{'phase':<12}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'share':>8}"
 
     def row(name, s, share):

@@ -4,6 +4,8 @@ And an unexpected exception on one rank: its traceback with a `[rank r]` prefix,
 job aborted instead of the other ranks waiting forever in a collective.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -93,6 +95,17 @@ def test_resume_auto_with_nothing_to_resume_starts_at_step_0(checkpointed):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"--resume auto: no complete checkpoint in {ckpt}: starting at step 0" in result.stdout
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-1", "step-2"]
+
+
+def test_resume_from_the_last_checkpoint_finishes_without_a_step(checkpointed, tmp_path):
+    """Resumed at --steps (a job killed after its last checkpoint): nothing to train, the run still
+    evaluates, writes its summary and exits 0 (bench chaos hit this: the phase table had no step)."""
+    _, ckpt = checkpointed
+    done = run_cli(["-m", "mpilm.train", *CKPT_RUN, "--out", str(tmp_path), "--resume", str(ckpt / "step-2")],
+                   np=2, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "phases: no step measured in this run" in done.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
 
 
 @pytest.mark.parametrize("target, needle", [
