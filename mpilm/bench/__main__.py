@@ -1,4 +1,4 @@
-"""Entry point: ``python -m mpilm.bench {allreduce,compress,convergence,scaling,ddp,model,report} ...``.
+"""Entry point: ``python -m mpilm.bench {allreduce,compress,convergence,scaling,ddp,model,sync-modes,chaos,report} ...``.
 
 Dispatches to ``mpilm.bench.<name>``; each module defines ``DESCRIPTION``, ``add_arguments`` and
 ``run``. Errors follow the project's policy (``error: ...``, exit 2; never a hang).
