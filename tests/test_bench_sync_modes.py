@@ -71,6 +71,7 @@ def test_token_budget_and_evaluation_cadence():
     modes = {m.name: m for m in sync_modes.parse_modes("sync,async,local-16,diloco-100,sync-topk")}
     assert [sync_modes.ranks_for(modes[m], 2) for m in ("sync", "async", "diloco-100")] == [2, 3, 2]
     assert modes["sync-topk"] == sync_modes.Mode("sync-topk", "sync", compress="topk")
+    assert sync_modes.parse_modes("sync-sign") == [sync_modes.Mode("sync-sign", "sync", compress="sign")]
     assert [sync_modes.eval_every_for(modes[m], 50, 3) for m in ("sync", "async", "local-16", "diloco-100")] == [50, 150, 64, 100]
 
 

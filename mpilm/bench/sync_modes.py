@@ -6,6 +6,7 @@ the other at each ``--link`` rate, and tabulates them against the ``sync`` row o
 
 - ``sync``: ``--sync sync`` (gradients averaged every step); ``sync-topk``: the same with
   ``--compress topk`` (top-k with error feedback, under the run's optimizer, AdamW by default);
+  ``sync-sign``: with ``--compress sign`` (scaled sign with error feedback, the one for AdamW);
 - ``async``: ``--sync async`` on N + 1 ranks: the same N ranks computing gradients (workers,
   ranks 1..N) and one more, rank 0, the parameter server, which computes none (parameter servers
   are extra processes, as in every PS system; the N-rank alternative, a server in place of a
@@ -87,7 +88,7 @@ from mpilm.errors import UsageError
 
 DESCRIPTION = "sync vs async vs local SGD vs DiLoCo vs top-k at one token budget: val loss, wall time, bytes, on slow links"
 
-DEFAULT_MODES = "sync,async,local-4,local-16,diloco-50,diloco-100,sync-topk"
+DEFAULT_MODES = "sync,async,local-4,local-16,diloco-50,diloco-100,sync-topk,sync-sign"
 # options the bench sets per row itself (mode, budget, cadence, straggler, outputs)
 _OWNED = ("--sync", "--steps", "--out", "--eval-every", "--local-steps", "--local-average-optimizer",
           "--no-local-average-optimizer", "--outer-lr", "--outer-momentum", "--outer-nesterov", "--no-outer-nesterov",
@@ -103,7 +104,7 @@ ASYNC_TARGET = {"mode": "async", "sooner": 1.3, "loss_ratio": 1.05}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=DEFAULT_MODES,
-                        help="rows, comma-separated: sync, sync-topk, async, local-H, diloco-H (default %(default)s)")
+                        help="rows, comma-separated: sync, sync-topk, sync-sign, async, local-H, diloco-H (default %(default)s)")
     parser.add_argument("--np", dest="np", type=int, default=None,
                         help="ranks of every job (default 2; with --cluster every slot of the cluster)")
     parser.add_argument("--steps", type=int, default=400,
@@ -156,14 +157,14 @@ def parse_modes(text: str) -> list[Mode]:
             continue
         if name in ("sync", "async"):
             modes.append(Mode(name, name))
-        elif name == "sync-topk":
-            modes.append(Mode(name, "sync", compress="topk"))
+        elif name in ("sync-topk", "sync-sign"):
+            modes.append(Mode(name, "sync", compress=name.removeprefix("sync-")))
         elif m := re.fullmatch(r"(local|diloco)-(\d+)", name):
             if int(m.group(2)) < 1:
                 raise UsageError(f"--modes {name}: H must be >= 1")
             modes.append(Mode(name, m.group(1), local_steps=int(m.group(2))))
         else:
-            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, async, local-H or diloco-H (H steps "
+            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, sync-sign, async, local-H or diloco-H (H steps "
                              "between exchanges, e.g. diloco-50)")
     if not modes:
         raise UsageError("--modes: empty list; name at least one row, e.g. sync,diloco-50")
