@@ -330,11 +330,47 @@ class HalfPrecision(Compressor):
 
 
 class _ErrorFedCompressor(Compressor):
-    """What ``topk`` and ``sign`` share: per-bucket scratch, the one-message allgather, local clip,
-    and the one-time notice that a bucket goes dense. Subclasses hold ``_state`` (per bucket, each
-    with a ``buffers`` dict) and ``_dense_reported``."""
+    """What ``topk`` and ``sign`` share: per-bucket state and its checkpoint, scratch, the
+    one-message allgather, local clip, and the one-time notice that a bucket goes dense.
+    Subclasses hold ``_state`` (per bucket: a ``_STATE`` dataclass with ``numel``, the tensors
+    named in ``_STATE_TENSORS`` and a ``buffers`` dict) and ``_dense_reported``, and say which
+    tensors a new bucket needs (``_new_state_tensors``)."""
 
     local_clip = 0.0
+    _STATE: type
+    _STATE_TENSORS: tuple[str, ...]
+
+    def state_dict(self) -> dict:
+        """Per bucket: the tensors this rank holds (residual, moments); they differ per rank."""
+        return {"buckets": {key: {name: getattr(s, name) for name in self._STATE_TENSORS}
+                            for key, s in self._state.items()},
+                "dense_reported": self._dense_reported}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {}
+        for key, saved in state.get("buckets", {}).items():
+            tensors = {name: saved.get(name) for name in self._STATE_TENSORS}
+            like = next((t for t in tensors.values() if t is not None), None)
+            if like is None:  # no error feedback, no moments: nothing to continue (the bucket starts afresh)
+                continue
+            self._state[int(key)] = self._STATE(
+                numel=like.numel(), **{name: None if t is None else t.clone() for name, t in tensors.items()})
+        self._dense_reported = bool(state.get("dense_reported", False))
+
+    def _bucket_state(self, key: int, bucket: torch.Tensor):
+        """This bucket's state, made on first use; ValueError if the bucket changed size."""
+        state = self._state.get(key)
+        if state is None:
+            wanted = self._new_state_tensors()
+            state = self._state[key] = self._STATE(numel=bucket.numel(), **{
+                name: torch.zeros(bucket.numel(), dtype=torch.float32, device=bucket.device) if wanted[name] else None
+                for name in self._STATE_TENSORS})
+        elif state.numel != bucket.numel():
+            raise ValueError(f"{self.name}: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
+        return state
+
+    def _new_state_tensors(self) -> dict[str, bool]:
+        raise NotImplementedError
 
     def _buffer(self, state, name: str, numel: int, dtype=torch.int32, device="cpu") -> torch.Tensor:
         """A per-bucket scratch buffer grown to the largest size asked for (k shrinks in warm-up)."""
@@ -399,6 +435,7 @@ class _TopkState:
 
 class TopK(_ErrorFedCompressor):
     name = "topk"
+    _STATE, _STATE_TENSORS = _TopkState, ("residual", "velocity", "second_moment")
 
     def __init__(self, ratio: float, error_feedback: bool, aggregate: str, momentum_correction: bool,
                  momentum: float, local_clip: float, warmup_steps: int, dense_steps: int = 0,
@@ -450,23 +487,6 @@ class TopK(_ErrorFedCompressor):
     def reduce_scatter_(self, bucket, key, comm, algorithm, step):
         raise ValueError("topk: the sparse exchange has no reduce-scatter half (ZeRO-1 needs --compress none|fp16|bf16)")
 
-    def state_dict(self) -> dict:
-        """Per bucket: the residual (and velocity, second moment) this rank holds; differs per rank."""
-        return {"buckets": {key: {"residual": s.residual, "velocity": s.velocity, "second_moment": s.second_moment}
-                            for key, s in self._state.items()},
-                "dense_reported": self._dense_reported}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._state = {}
-        for key, saved in state.get("buckets", {}).items():
-            tensors = {name: saved.get(name) for name in ("residual", "velocity", "second_moment")}
-            like = next((t for t in tensors.values() if t is not None), None)
-            if like is None:  # no error feedback, no moments: nothing to continue (the bucket starts afresh)
-                continue
-            self._state[int(key)] = _TopkState(
-                numel=like.numel(), **{name: None if t is None else t.clone() for name, t in tensors.items()})
-        self._dense_reported = bool(state.get("dense_reported", False))
-
     # ------------------------------------------------------------ per-step entry point
     def allreduce_(self, bucket, key, comm, algorithm, step):
         comm = comm or world.WORLD
@@ -505,18 +525,9 @@ class TopK(_ErrorFedCompressor):
             state.velocity.index_fill_(0, delivered.long(), 0.0)  # DGC momentum factor masking
 
     # ------------------------------------------------------------ pieces
-    def _bucket_state(self, key: int, bucket: torch.Tensor) -> _TopkState:
-        state = self._state.get(key)
-        if state is None:
-            zeros = lambda: torch.zeros(bucket.numel(), dtype=torch.float32, device=bucket.device)  # noqa: E731
-            state = self._state[key] = _TopkState(
-                numel=bucket.numel(),
-                residual=zeros() if self.error_feedback else None,
-                velocity=zeros() if self.momentum_correction else None,
-                second_moment=zeros() if self.precondition is not None else None)
-        elif state.numel != bucket.numel():
-            raise ValueError(f"topk: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
-        return state
+    def _new_state_tensors(self) -> dict[str, bool]:
+        return {"residual": self.error_feedback, "velocity": self.momentum_correction,
+                "second_moment": self.precondition is not None}
 
     def _precondition_(self, bucket: torch.Tensor, state: _TopkState, step: int) -> None:
         """``adam_normalise_`` with this bucket's own second moment (this rank's, differs per rank)."""
@@ -680,13 +691,11 @@ class _SignState:
     buffers: dict = field(default_factory=dict)
 
 
-_SIGN_STATE = ("residual", "first_moment", "second_moment")
-
-
 class ScaledSign(_ErrorFedCompressor):
     """``sign``: 1 bit per element plus one fp32 scale per chunk, with error feedback (module docstring)."""
 
     name = "sign"
+    _STATE, _STATE_TENSORS = _SignState, ("residual", "first_moment", "second_moment")
 
     def __init__(self, chunk: int, error_feedback: bool, precondition: tuple[float, float] | None = None,
                  first_moment: float = 0.0, local_clip: float = 0.0, sqrt_ranks_gain: bool = False):
@@ -717,20 +726,6 @@ class ScaledSign(_ErrorFedCompressor):
 
     def reduce_scatter_(self, bucket, key, comm, algorithm, step):
         raise ValueError("sign: the allgathered bits have no reduce-scatter half (ZeRO-1 needs --compress none|fp16|bf16)")
-
-    def state_dict(self) -> dict:
-        """Per bucket: residual, first and second moments (this rank's own; they differ per rank)."""
-        return {"buckets": {key: {"numel": s.numel, **{name: getattr(s, name) for name in _SIGN_STATE}}
-                            for key, s in self._state.items()},
-                "dense_reported": self._dense_reported}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._state = {}
-        for key, saved in state.get("buckets", {}).items():
-            self._state[int(key)] = _SignState(
-                numel=int(saved["numel"]),
-                **{name: None if saved.get(name) is None else saved[name].clone() for name in _SIGN_STATE})
-        self._dense_reported = bool(state.get("dense_reported", False))
 
     # ------------------------------------------------------------ per-step entry point
     def allreduce_(self, bucket, key, comm, algorithm, step):
@@ -776,18 +771,9 @@ class ScaledSign(_ErrorFedCompressor):
             bucket.div_(p)
 
     # ------------------------------------------------------------ pieces
-    def _bucket_state(self, key: int, bucket: torch.Tensor) -> _SignState:
-        state = self._state.get(key)
-        if state is None:
-            zeros = lambda: torch.zeros(bucket.numel(), dtype=torch.float32, device=bucket.device)  # noqa: E731
-            state = self._state[key] = _SignState(
-                numel=bucket.numel(),
-                residual=zeros() if self.error_feedback else None,
-                first_moment=zeros() if self.first_moment > 0 else None,
-                second_moment=zeros() if self.precondition is not None else None)
-        elif state.numel != bucket.numel():
-            raise ValueError(f"sign: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
-        return state
+    def _new_state_tensors(self) -> dict[str, bool]:
+        return {"residual": self.error_feedback, "first_moment": self.first_moment > 0,
+                "second_moment": self.precondition is not None}
 
     def _layout(self, n: int) -> tuple[int, int, int]:
         """(elements per chunk, chunks, bytes of bits) of an n-element bucket."""
