@@ -31,6 +31,31 @@ REDUCE_TOLERANCE = {
 BIN = Path(sys.executable).parent
 
 
+def assert_compressor_resumes_bit_exactly(name: str, options: dict, numel: int, key: int = 2):
+    """Six steps of compressor ``name`` on one rank; a second one loads the first's
+    ``state_dict()`` after step 2 and must give the same bits from step 3 on. Returns the first
+    compressor and the state it handed over."""
+    from mpi4py import MPI
+
+    from mpilm.comm import compress
+
+    straight, resumed = compress.make_compressor(name, **options), compress.make_compressor(name, **options)
+    grads = [torch.randn(numel, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    outputs, handed = [], None
+    for step, grad in enumerate(grads):
+        bucket = grad.clone()
+        straight.allreduce_(bucket, key, MPI.COMM_SELF, "auto", step)
+        outputs.append(bucket)
+        if step == 2:
+            handed = straight.state_dict()
+            resumed.load_state_dict(handed)
+    for step, grad in list(enumerate(grads))[3:]:
+        bucket = grad.clone()
+        resumed.allreduce_(bucket, key, MPI.COMM_SELF, "auto", step)
+        assert torch.equal(bucket, outputs[step])
+    return straight, handed
+
+
 def _under_mpi(config) -> bool:
     return bool(config.getoption("--with-mpi", default=False))
 

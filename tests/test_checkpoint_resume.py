@@ -27,7 +27,14 @@ def final_model(out: Path) -> dict:
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("extra", [["--allreduce", "ring", "--overlap"], ["--zero", "1"],
                                    ["--compress", "topk", "--topk-ratio", "0.1", "--allreduce", "rhd"],
-                                   ["--compress", "fp16", "--grad-accum", "2", "--dropout", "0.1"]])
+                                   ["--compress", "fp16", "--grad-accum", "2", "--dropout", "0.1"],
+                                   # AdamW's top-k variants keep per-rank Adam moments in the compressor;
+                                   # frozen is resumed after its freeze (step 6), from step-8
+                                   ["--compress", "topk", "--topk-ratio", "0.05"],
+                                   ["--compress", "topk", "--topk-ratio", "0.05", "--topk-adam", "frozen",
+                                    "--topk-adam-warmup", "6"],
+                                   # sign: residuals and both Adam moments in the compressor
+                                   ["--compress", "sign", "--sign-chunk", "256"]])
 def test_resume_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path_factory, extra):
     comm = MPI.COMM_WORLD
     root = shared_tmp(tmp_path_factory, "resume")

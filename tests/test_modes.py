@@ -166,25 +166,30 @@ def test_async_needs_two_ranks(tmp_path):
     assert "error: --sync async needs at least 2 ranks" in done.stderr, done.stderr[-2000:]
 
 
+def signal_at_step_3(args: list[str], rank: int, signal_name: str) -> str:
+    """A ``python -c`` script: mpilm.train with ``args``, where ``rank`` sends itself ``signal_name``
+    as it starts computing its gradient of step 3."""
+    return (
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "from mpilm import run, train\n"
+        "compute = run.Run.compute_gradients\n"
+        "def signalled(self, step):\n"
+        f"    if MPI.COMM_WORLD.rank == {rank} and step == 3:\n"
+        f"        os.kill(os.getpid(), signal.{signal_name})\n"
+        "    return compute(self, step)\n"
+        "run.Run.compute_gradients = signalled\n"
+        f"sys.exit(train.main({args!r}))\n"
+    )
+
+
 def test_async_preemption_checkpoints_at_a_pause_and_resumes(tmp_path):
     """SIGTERM to a worker: it reports the signal in its next gradient's header, the server pauses
     every worker, all ranks checkpoint and exit 75; --resume auto finishes the run."""
     from conftest import run_cli
 
     args = [*TINY, "--sync", "async", "--steps", "12", "--out", str(tmp_path)]
-    script = (
-        "import os, signal, sys\n"
-        "from mpi4py import MPI\n"
-        "from mpilm import run, train\n"
-        "compute = run.Run.compute_gradients\n"
-        "def signalled(self, step):\n"
-        "    if MPI.COMM_WORLD.rank == 1 and step == 3:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return compute(self, step)\n"
-        "run.Run.compute_gradients = signalled\n"
-        f"sys.exit(train.main({args!r}))\n"
-    )
-    first = run_cli(["-c", script], np=2, timeout=120)
+    first = run_cli(["-c", signal_at_step_3(args, rank=1, signal_name="SIGTERM")], np=2, timeout=120)
     assert first.returncode == 75, first.stderr[-2000:]
     assert "pre-empted by a signal" in first.stderr and checkpoint.complete_checkpoints(tmp_path / "ckpt")
     again = run_cli(["-m", "mpilm.train", *args, "--resume", "auto"], np=2, timeout=120)
@@ -227,20 +232,8 @@ def test_async_a_dead_worker_ends_the_job_within_seconds(tmp_path):
     from conftest import run_cli
 
     args = [*TINY, "--sync", "async", "--steps", "400", "--out", str(tmp_path)]
-    script = (
-        "import os, signal, sys\n"
-        "from mpi4py import MPI\n"
-        "from mpilm import run, train\n"
-        "compute = run.Run.compute_gradients\n"
-        "def dying(self, step):\n"
-        "    if MPI.COMM_WORLD.rank == 2 and step == 3:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return compute(self, step)\n"
-        "run.Run.compute_gradients = dying\n"
-        f"sys.exit(train.main({args!r}))\n"
-    )
     t0 = time.monotonic()
-    done = run_cli(["-c", script], np=3, timeout=120)
+    done = run_cli(["-c", signal_at_step_3(args, rank=2, signal_name="SIGKILL")], np=3, timeout=120)
     assert done.returncode not in (0, 124), (done.returncode, done.stderr[-2000:])
     assert time.monotonic() - t0 < 90
     assert not (tmp_path / "summary.json").exists()

@@ -1,28 +1,25 @@
 """``--compress sign``: scaled sign with error feedback (1 bit per element, one fp32 scale per chunk).
 
 The arithmetic against a reference written out plainly, the message layout, state round trips,
-the option checks, and (under mpirun) identical averages on every rank, the bytes on the wire and
-a bit-exact CLI resume. Run: ``pytest tests/test_sign_compress.py`` and
+the option checks, and (under mpirun) identical averages on every rank and the bytes on the wire;
+the bit-exact resume is a case of ``test_checkpoint_resume.py``. Run: ``pytest tests/test_sign_compress.py`` and
 ``mpirun -np 2 python -m pytest --with-mpi -m mpi tests/test_sign_compress.py``.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_compressor_resumes_bit_exactly
 from mpi4py import MPI
 
-from mpilm import checkpoint, config, optim, train
+from mpilm import config, optim
 from mpilm.comm import compress, world
 from mpilm.errors import UsageError
 
 SELF = MPI.COMM_SELF
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--log-every", "2", "--eval-every", "100", "--eval-batches", "1", "--bucket-mb", "0.01"]
 ADAM = dict(precondition=(0.95, 1e-8), first_moment=0.9)  # as optim.compressor_options gives, gain aside
 
 
@@ -93,21 +90,9 @@ def test_under_adamw_the_sum_of_adam_updates_is_what_is_sent_plus_owed():
 
 @pytest.mark.parametrize("options", [ADAM, dict(error_feedback=False)])
 def test_sign_state_round_trips_bit_exactly(options):
-    straight, resumed = compress.make_compressor("sign", **options), compress.make_compressor("sign", **options)
-    grads = [torch.randn(3000, generator=torch.Generator().manual_seed(s)) for s in range(6)]
-    outputs = []
-    for step, grad in enumerate(grads):
-        bucket = grad.clone()
-        straight.allreduce_(bucket, 2, SELF, "auto", step)
-        outputs.append(bucket)
-        if step == 2:
-            resumed.load_state_dict(straight.state_dict())
-    for step, grad in list(enumerate(grads))[3:]:
-        bucket = grad.clone()
-        resumed.allreduce_(bucket, 2, SELF, "auto", step)
-        assert torch.equal(bucket, outputs[step])
+    straight, _ = assert_compressor_resumes_bit_exactly("sign", options, 3000)
     with pytest.raises(ValueError, match="reduce-scatter"):
-        straight.reduce_scatter_(grads[0].clone(), 2, SELF, "auto", 0)
+        straight.reduce_scatter_(torch.randn(3000, generator=torch.Generator().manual_seed(0)), 2, SELF, "auto", 0)
 
 
 def test_topk_without_error_feedback_resumes():
@@ -206,23 +191,3 @@ def test_sqrt_ranks_gain_scales_the_adam_update_by_the_root_of_the_world_size():
         assert torch.allclose(a, root_p * b, rtol=1e-5, atol=1e-6)  # scale x sign is linear in the scale
         assert torch.allclose(gained._state[0].first_moment, root_p * plain._state[0].first_moment, rtol=1e-5,
                               atol=1e-7)
-
-
-@pytest.mark.mpi(min_size=2)
-def test_training_resumes_bit_exactly_under_sign(tmp_path_factory):
-    """Residuals and both Adam moments live in the compressor: a resumed run ends bit for bit
-    where the uninterrupted one does."""
-    comm = MPI.COMM_WORLD
-    root = Path(comm.bcast(str(tmp_path_factory.mktemp("sign")) if comm.rank == 0 else None))
-    options = [*TINY, "--steps", "10", "--ckpt-every", "4", "--compress", "sign", "--sign-chunk", "256"]
-    train.run([*options, "--out", str(root / "straight")])
-    if comm.rank == 0:
-        (root / "again").mkdir()
-        shutil.copytree(root / "straight" / "ckpt", root / "again" / "ckpt")
-        shutil.copy(root / "straight" / "metrics.jsonl", root / "again" / "metrics.jsonl")
-    comm.Barrier()
-    train.run([*options, "--out", str(root / "again"), "--resume", "auto"])
-    if comm.rank == 0:
-        a = checkpoint.load(root / "straight" / "model.pt")["model"]
-        b = checkpoint.load(root / "again" / "model.pt")["model"]
-        assert all(torch.equal(a[name], b[name]) for name in a)

@@ -1,26 +1,21 @@
-"""AdamW under top-k (``--topk-adam``): the optimizers, the options, and bit-exact resume.
+"""AdamW under top-k (``--topk-adam``): the optimizers and the options.
 
-The compressor's side (preconditioning, first moment, dense steps) is in ``test_compress.py``.
-Run: ``pytest tests/test_topk_adam.py`` and ``mpirun -np 2 python -m pytest --with-mpi -m mpi
-tests/test_topk_adam.py``.
+The compressor's side (preconditioning, first moment, dense steps) is in ``test_compress.py``,
+bit-exact resume of the default and ``frozen`` in ``test_checkpoint_resume.py``.
+Run: ``pytest tests/test_topk_adam.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from mpi4py import MPI
 
-from mpilm import checkpoint, config, optim, train
+from mpilm import config, optim
 from mpilm.errors import UsageError
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--log-every", "2", "--eval-every", "100", "--eval-batches", "1", "--bucket-mb", "0.01"]
 
 
 def two_layers(seed: int = 0) -> torch.nn.Module:
@@ -146,24 +141,3 @@ def test_topk_adam_options_are_checked():
             (["--compress", "topk", "--topk-adam", "sometimes"], "expected one of")):
         with pytest.raises(UsageError, match=message):
             config.parse(argv)
-
-
-@pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("extra", [[], ["--topk-adam", "frozen", "--topk-adam-warmup", "6"]])
-def test_training_resumes_bit_exactly_under_topk_adam(tmp_path_factory, extra):
-    """The default (precondition: per-rank second moments in the compressor) and frozen (resumed
-    after its freeze, from the step-8 checkpoint) end with the uninterrupted run's parameters."""
-    comm = MPI.COMM_WORLD
-    root = Path(comm.bcast(str(tmp_path_factory.mktemp("topk-adam")) if comm.rank == 0 else None))
-    options = [*TINY, "--steps", "10", "--ckpt-every", "4", "--compress", "topk", "--topk-ratio", "0.05", *extra]
-    train.run([*options, "--out", str(root / "straight")])
-    if comm.rank == 0:
-        (root / "again").mkdir()
-        shutil.copytree(root / "straight" / "ckpt", root / "again" / "ckpt")
-        shutil.copy(root / "straight" / "metrics.jsonl", root / "again" / "metrics.jsonl")
-    comm.Barrier()
-    train.run([*options, "--out", str(root / "again"), "--resume", "auto"])
-    if comm.rank == 0:
-        a = checkpoint.load(root / "straight" / "model.pt")["model"]
-        b = checkpoint.load(root / "again" / "model.pt")["model"]
-        assert all(torch.equal(a[name], b[name]) for name in a)
