@@ -60,6 +60,7 @@ from mpilm.comm import world
 SERVER = 0
 HEADER_TAG, GRADIENT_TAG, ANSWER_TAG, PARAMETER_TAG = 31_001, 31_002, 31_003, 31_004
 CONTINUE, PAUSE, PAUSE_AND_STOP, STOP = 0, 1, 2, 3
+HEADER_FIELDS = 3  # a gradient's header: the parameters' version, the worker's signal flag, its loss
 
 
 class AsyncSGD:
@@ -113,13 +114,13 @@ class AsyncSGD:
         return sum(self.staleness.values())
 
     def _work(self, run, checkpoint, signalled) -> str:
-        cfg, timer, comm = run.cfg, run.timer, self.comm
-        header, answer = np.zeros(4), np.zeros(2, dtype=np.int64)
+        timer, comm = run.timer, self.comm
+        header, answer = np.zeros(HEADER_FIELDS), np.zeros(2, dtype=np.int64)
         while True:  # until the server answers STOP (its budget is taken) or a pause that ends the run
             step = run.step_index
             timer.begin_step(step)
             loss = run.compute_gradients(step)
-            header[:] = (self.version, step, 1.0 if signalled() else 0.0, float(loss))  # one device sync on CUDA
+            header[:] = (self.version, 1.0 if signalled() else 0.0, float(loss))  # one device sync on CUDA
             t0 = time.perf_counter()
             with timer.phase("comm"), run.watched(f"the parameter server's answer to gradient {step}"):
                 comm.Send(header, dest=SERVER, tag=HEADER_TAG)
@@ -145,7 +146,7 @@ class AsyncSGD:
     def _serve(self, run, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every) -> str:
         cfg, timer, comm = run.cfg, run.timer, self.comm
         budget = cfg.steps
-        headers = {w: np.zeros(4) for w in range(1, comm.Get_size())}
+        headers = {w: np.zeros(HEADER_FIELDS) for w in range(1, comm.Get_size())}
         receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in headers}
         answer = np.zeros(2, dtype=np.int64)
         pausing, paused, stopping = False, set(), False
@@ -159,7 +160,7 @@ class AsyncSGD:
                 index = _wait_any([receives[w] for w in order])  # SYNC: blocks on whichever worker is first
             worker = order[index]
             del receives[worker]
-            version_used, _, their_signal, loss = headers[worker]
+            version_used, their_signal, loss = headers[worker]
             with timer.phase("comm"):
                 for flat in self.grads.flat.values():
                     _recv(comm, flat, worker, GRADIENT_TAG)  # the gradient lands where param.grad points
