@@ -54,6 +54,19 @@ def peak_flops(name: str | None) -> float | None:
     return None
 
 
+def hidden_share(exposed_s: float, total_s: float) -> float | None:
+    """The share of collective time that backward hid: 1 - exposed / total, clamped to [0, 1].
+
+    ``exposed_s`` is the time the step waited in its comm phase, ``total_s`` the time the
+    collectives ran. The exposed wait can exceed the collectives' own time: a rank that finishes
+    backward first waits there for its slower peers too, which is skew, not communication; such a
+    step hid nothing (0), it did not hide "less than nothing". None when nothing was communicated.
+    """
+    if total_s <= 0:
+        return None
+    return min(1.0, max(0.0, 1.0 - exposed_s / total_s))
+
+
 def run_metrics(stats: dict[str, float], *, world_size: int, tokens_per_step: int, flops_per_token: float,
                 payload_bytes: int, device: torch.device | str = "cpu") -> dict:
     """End-of-run figures from per-step means averaged over ranks (``PhaseTimer.rank_stats``).
@@ -78,6 +91,7 @@ def run_metrics(stats: dict[str, float], *, world_size: int, tokens_per_step: in
         "compute_s_per_step": stats["compute_s"],
         "comm_s_per_step": stats["comm_s"],
         "comm_total_s_per_step": comm_total,
+        "comm_hidden_share": hidden_share(stats["comm_s"], comm_total),
         "comm_compute_ratio": stats["comm_s"] / stats["compute_s"] if stats["compute_s"] > 0 else 0.0,
         "comm_total_compute_ratio": comm_total / stats["compute_s"] if stats["compute_s"] > 0 else 0.0,
         "model_flops_per_s": model_flops,

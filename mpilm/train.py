@@ -360,7 +360,6 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
     gradient_bytes = sum(b.nbytes for b in job.grads.buckets)
     perf = run_metrics(stats, world_size=n_ranks, tokens_per_step=cfg.tokens_per_step_per_rank * n_ranks,
                        flops_per_token=model.flops_per_token(), payload_bytes=gradient_bytes, device=job.device)
-    hidden = 1 - perf["comm_s_per_step"] / perf["comm_total_s_per_step"] if perf["comm_total_s_per_step"] > 0 else 0.0
     full_state = state_bytes * job.grads.numel / max(1, job.optimizer.numel) if cfg.zero else state_bytes
     bucket_rows = []
     if per_bucket:
@@ -378,7 +377,6 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
         "compute_s": compute,
         "comm_s": comm_s,
         "comm_total_s": comm_total,
-        "comm_hidden_share": hidden,
         "skipped_steps": job.skipped_steps,
         "sync": cfg.sync,
         "overlap": job.grads.overlap,
@@ -423,7 +421,7 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
                 f"{r['exposed_s'] * 1e3:.1f}" for r in shown) + more)
         if n_ranks > 1 and cfg.sync == "sync":
             print(f"overlap: {'on' if job.grads.overlap else 'off'} | comm {perf['comm_total_s_per_step'] * 1e3:.1f} ms "
-                  f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({max(0.0, hidden):.0%} hidden)")
+                  f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({perf['comm_hidden_share'] or 0.0:.0%} hidden)")
         sharded = (f"ZeRO-1 over {n_ranks} ranks; unsharded it would be {_mib(full_state)}" if cfg.zero
                    else "not sharded (--zero 1 would divide it by the ranks)")
         print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")

@@ -72,10 +72,17 @@ def test_run_metrics_busbw_and_mfu():
     assert m["busbw_gbps"] == pytest.approx(1e8 * 2 * 3 / 4 / 0.05 / 1e9)  # nccl-tests convention
     assert m["wire_gbps"] == pytest.approx(1.5e8 / 0.05 / 1e9)
     assert m["comm_compute_ratio"] == pytest.approx(0.04 / 0.06)
+    assert m["comm_hidden_share"] == pytest.approx(0.2)
     assert m["mfu"] is None and m["peak_flops_per_device"] is None  # CPU: no peak, no MFU
     single = metrics.run_metrics({**stats, "comm_total_s": 0.0}, world_size=1, tokens_per_step=1, flops_per_token=1,
                                  payload_bytes=10, device="cpu")
-    assert single["busbw_gbps"] is None
+    assert single["busbw_gbps"] is None and single["comm_hidden_share"] is None
+
+
+def test_hidden_share_is_clamped_when_skew_makes_the_exposed_wait_outlast_the_collectives():
+    assert metrics.hidden_share(0.0, 0.05) == 1.0
+    assert metrics.hidden_share(0.06, 0.05) == 0.0  # waited on a slower peer: hid nothing
+    assert metrics.hidden_share(0.01, 0.0) is None
 
 
 @pytest.mark.parametrize("name, peak", [

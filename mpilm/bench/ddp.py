@@ -46,6 +46,7 @@ from mpi4py import MPI
 
 from mpilm import config, data
 from mpilm.comm import world
+from mpilm.metrics import hidden_share
 from mpilm.errors import UsageError
 from mpilm.run import Run, build
 from mpilm.bench import parse_algorithms, pyplot
@@ -286,8 +287,7 @@ def _measure(runner: Runner, comm: MPI.Comm, warmup: int, tokens_per_step: int, 
         "tokens_per_s": tokens_per_step / step,
         "step_ms": step * 1e3,
         "comm_ms": None if runner.comm_timer is not None else medians["comm"] * 1e3,  # DDP: inside backward
-        "hidden_share": None if runner.comm_timer is not None or medians["comm_total"] <= 0
-        else 1 - medians["comm"] / medians["comm_total"],
+        "hidden_share": None if runner.comm_timer is not None else hidden_share(medians["comm"], medians["comm_total"]),
         "comm_total_ms": medians["comm_total"] * 1e3,
         "compute_ms": sum(medians[k] for k in _PLOT_PHASES if k != "comm") * 1e3,
         "phases_ms": {k: medians[k] * 1e3 for k in _PLOT_PHASES},
@@ -315,7 +315,7 @@ def _table(rows: list[dict]) -> str:
              f"{'hidden':>8}{'step/bound':>11}{'vs ddp':>8}"]
     for r in rows:
         exposed = f"{r['comm_ms']:9.1f}" if r["comm_ms"] is not None else f"{'(in bwd)':>9}"
-        hidden = f"{max(0.0, r['hidden_share']):8.0%}" if r["hidden_share"] is not None else f"{'-':>8}"
+        hidden = f"{r['hidden_share']:8.0%}" if r["hidden_share"] is not None else f"{'-':>8}"
         bound = f"{r['step_vs_bound']:11.2f}" if r["comm_ms"] is not None and r["step_vs_bound"] else f"{'-':>11}"
         lines.append(f"{r['runner']:<{width}}{r['tokens_per_s']:10,.0f}{r['step_ms']:9.1f}{r['compute_ms']:9.1f}"
                      f"{exposed}{r['comm_total_ms']:11.1f}{hidden}{bound}{r['vs_ddp']:8.3f}")
