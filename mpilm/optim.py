@@ -243,13 +243,18 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float, comm: MPI.Comm | None = None) -> torch.Tensor:
+def clip_(grads: list[torch.Tensor], max_norm: float, comm: MPI.Comm | None = None,
+          norm: torch.Tensor | None = None) -> torch.Tensor:
     """Scale ``grads`` so their global norm is at most ``max_norm`` (0: only measure); returns the norm.
 
     Without ``comm`` the tensors hold the whole gradient (every rank the same). With ``comm`` each
     rank holds a disjoint part (ZeRO-1 shards): the squares are summed over the ranks. SYNC then.
+    ``norm``: the whole gradient's norm, measured where the whole gradient was (the async worker
+    that computed it, for a server's slice), so ``grads`` are scaled by it and nothing is measured.
     """
-    if comm is None:
+    if norm is not None:
+        pass
+    elif comm is None:
         norm = torch.stack([g.float().norm() for g in grads]).norm()
     else:
         square = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
@@ -268,25 +273,28 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
-class Zero1:
-    """ZeRO-1 over a ``GradBuffer``: optimizer state and update for this rank's slice of each bucket.
+class SliceOptimizer:
+    """An optimizer over slices of a ``GradBuffer``'s flat buffers: its state and its update cover
+    those elements only (``ranges``: ``(dtype, lo, hi)`` into ``flat_params[dtype]``).
 
-    ``step()`` expects the buckets reduce-scattered (``GradBuffer(shard=True)``), steps the slice,
-    then allgathers every bucket's parameters (SYNC: blocks on every rank) with ``algorithm``.
+    The async parameter servers (``--ps-ranks``) each own one slice of every flat buffer; ``Zero1``
+    owns one slice of each bucket. Does: an update lands in the model's parameters (the slices are
+    views of them), weight decay by each element's parameter as in ``build``. Does not: communicate
+    (``step`` is the local update). With no elements (a rank that owns nothing, or a worker) it
+    holds no state and steps nothing.
     """
 
-    def __init__(self, grads, name: str, lr: float, weight_decay: float, momentum: float, comm: MPI.Comm,
-                 algorithm: str):
-        self.grads, self.comm, self.algorithm = grads, comm, algorithm
+    def __init__(self, grads, ranges: list[tuple[torch.dtype, int, int]], name: str, lr: float, weight_decay: float,
+                 momentum: float):
+        self.grads = grads
         decayed, plain = [], []
         self.shard_grads: list[torch.Tensor] = []
         self.numel = 0
-        for bucket in grads.buckets:
-            lo, hi = grads.shard_ranges(bucket)
-            flat_p, flat_g = grads.flat_params[bucket.dtype], grads.flat[bucket.dtype]
+        for dtype, lo, hi in ranges:
+            flat_p, flat_g = grads.flat_params[dtype], grads.flat[dtype]
             for _, param, start, stop in grads.layout:
                 a, b = max(lo, start), min(hi, stop)
-                if param.dtype != bucket.dtype or a >= b:
+                if param.dtype != dtype or a >= b:
                     continue
                 piece = flat_p[a:b].detach()  # a leaf view: the update lands in the model's parameters
                 piece.grad = flat_g[a:b]
@@ -302,21 +310,11 @@ class Zero1:
 
     def step(self) -> None:
         self.inner_step()
-        self.gather()
 
     def inner_step(self) -> None:
-        """Update this rank's slice (no communication)."""
+        """Update this rank's slices (no communication)."""
         if self.inner is not None:
             self.inner.step()
-
-    def gather(self) -> float:
-        """Allgather every bucket's parameters; returns the seconds it took. SYNC: blocks on every rank."""
-        t0 = time.perf_counter()
-        for bucket in self.grads.buckets:
-            with trace.traced("communication", f"allgather b{bucket.index}", bucket=bucket.index,
-                              bytes=bucket.nbytes, algorithm=self.algorithm):
-                collectives.allgather(bucket.params, self.comm, self.algorithm)
-        return time.perf_counter() - t0
 
     def state_dict(self) -> dict:
         return self.inner.state_dict() if self.inner is not None else {}
@@ -327,5 +325,32 @@ class Zero1:
 
     @property
     def state(self):
-        """This rank's optimizer state (of its shard only), as a torch optimizer's ``.state``."""
+        """This rank's optimizer state (of its slices only), as a torch optimizer's ``.state``."""
         return self.inner.state if self.inner is not None else {}
+
+
+class Zero1(SliceOptimizer):
+    """ZeRO-1 over a ``GradBuffer``: optimizer state and update for this rank's slice of each bucket.
+
+    ``step()`` expects the buckets reduce-scattered (``GradBuffer(shard=True)``), steps the slice,
+    then allgathers every bucket's parameters (SYNC: blocks on every rank) with ``algorithm``.
+    """
+
+    def __init__(self, grads, name: str, lr: float, weight_decay: float, momentum: float, comm: MPI.Comm,
+                 algorithm: str):
+        self.comm, self.algorithm = comm, algorithm
+        super().__init__(grads, [(b.dtype, *grads.shard_ranges(b)) for b in grads.buckets], name, lr, weight_decay,
+                         momentum)
+
+    def step(self) -> None:
+        self.inner_step()
+        self.gather()
+
+    def gather(self) -> float:
+        """Allgather every bucket's parameters; returns the seconds it took. SYNC: blocks on every rank."""
+        t0 = time.perf_counter()
+        for bucket in self.grads.buckets:
+            with trace.traced("communication", f"allgather b{bucket.index}", bucket=bucket.index,
+                              bytes=bucket.nbytes, algorithm=self.algorithm):
+                collectives.allgather(bucket.params, self.comm, self.algorithm)
+        return time.perf_counter() - t0

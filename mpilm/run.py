@@ -133,13 +133,18 @@ class Run:
         self._credit(timings)
         return total
 
-    def apply_gradients(self, lr: float) -> bool:
+    def apply_gradients(self, lr: float, norm: torch.Tensor | None = None) -> bool:
         """Clip the flat gradients and take the optimizer step at ``lr`` (ZeRO-1: this rank's shard
-        only); returns False, with no update, when the gradient's norm is not finite."""
+        only); returns False, with no update, when the gradient's norm is not finite.
+
+        ``norm``: the whole gradient's norm as the async worker that computed it measured it; an
+        async server clips its slice by it and steps its slice."""
         cfg, grads = self.cfg, self.grads
         optim.set_lr(self.optimizer, lr)
         with self.timer.phase("optimizer"):
-            if cfg.zero:
+            if norm is not None:
+                norm = optim.clip_(self.optimizer.shard_grads, optim.clip_limit(self.optimizer, cfg.grad_clip), norm=norm)
+            elif cfg.zero:
                 norm = optim.clip_(self.optimizer.shard_grads, cfg.grad_clip, self.comm)  # SYNC: the global norm
             else:
                 norm = optim.clip_(list(grads.flat.values()), optim.clip_limit(self.optimizer, cfg.grad_clip))
@@ -314,6 +319,9 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     if cfg.sync == "async" and n_ranks < 2:
         raise UsageError("--sync async needs at least 2 ranks (rank 0 serves the parameters, the others compute): "
                          "launch with mpirun -np 2 or more")
+    if cfg.sync == "async" and cfg.ps_ranks >= n_ranks:
+        raise UsageError(f"--ps-ranks {cfg.ps_ranks} with {n_ranks} ranks leaves no worker: at most {n_ranks - 1} "
+                         f"servers, or launch more ranks")
     if reducer == "config" and cfg.sync in ("local", "async"):
         reducer = None  # no gradient exchange: the mode averages parameters every --local-steps
     if reducer == "config":
@@ -342,6 +350,9 @@ def build(cfg: config.TrainConfig, comm: MPI.Comm | None = None, *, corpus: data
     momentum = 0.0 if cfg.momentum_correction else cfg.momentum
     if cfg.zero:
         optimizer = optim.Zero1(grads, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum, grad_comm, cfg.allreduce)
+    elif cfg.sync == "async":  # each server: the optimizer of its slice; a worker: none (no state)
+        optimizer = optim.SliceOptimizer(grads, modes.server_slices(grads, cfg.ps_ranks, comm.Get_rank()),
+                                         cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
     else:
         optimizer = optim.build(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, momentum,
                                 topk_adam=cfg.adam_variant_in_effect, freeze_step=cfg.topk_adam_warmup)

@@ -182,7 +182,8 @@ def _train(job: Run, t_build: float, preemption: Preemption) -> dict | None:
         if cfg.sync == "async":
             print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum per gradient | "
                   f"{cfg.steps} gradients in all ({cfg.steps * cfg.tokens_per_step_per_rank:,} tokens) from "
-                  f"{n_ranks - 1} worker(s), whichever sends first, applied one by one by rank 0 | out {out}")
+                  f"{n_ranks - cfg.ps_ranks} worker(s), whichever sends first, applied one by one by "
+                  f"{'rank 0' if cfg.ps_ranks == 1 else f'ranks 0-{cfg.ps_ranks - 1}, each to its slice'} | out {out}")
         else:
             print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} accum x {n_ranks} ranks = "
                   f"{cfg.tokens_per_step_per_rank * n_ranks:,} tokens/step | {cfg.steps} steps | out {out}")
@@ -424,14 +425,20 @@ def _finish(job: Run, first_val: float, val_loss: float, wall: float, metrics) -
                   f"per step, {perf['comm_s_per_step'] * 1e3:.1f} ms exposed ({perf['comm_hidden_share'] or 0.0:.0%} hidden)")
         sharded = (f"ZeRO-1 over {n_ranks} ranks; unsharded it would be {_mib(full_state)}" if cfg.zero
                    else "not sharded (--zero 1 would divide it by the ranks)")
-        print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")
+        if cfg.sync == "async":  # the servers hold it, each for its slice
+            print(f"optimizer state: {_mib(state_mean * n_ranks / cfg.ps_ranks)} per server on {cfg.ps_ranks} "
+                  f"server(s) (--ps-ranks); the workers hold none")
+        else:
+            print(f"optimizer state: {_mib(state_mean)} per rank ({sharded})")
         if cfg.sync == "async":
             busy = result["server_busy_share"]
-            print(f"async: {result['updates']} updates from {n_ranks - 1} worker(s) "
-                  f"({result['gradients_past_budget']} more computed past the budget, not applied) | staleness mean "
-                  f"{result['staleness_mean']:.2f}, histogram {result['staleness_histogram']} | "
+            servers = result["ps_ranks"]
+            print(f"async: {result['updates']} updates from {n_ranks - servers} worker(s) to {servers} server(s) "
+                  f"| staleness mean {result['staleness_mean']:.2f}, histogram {result['staleness_histogram']} | "
                   f"{result['dropped_gradients']} dropped | server busy {busy:.0%}"
-                  + (" (one server is the bottleneck: workers wait for it)" if busy > 0.9 else ""))
+                  + (f" of the busiest" if servers > 1 else "")
+                  + (f" (the servers are the bottleneck: workers wait for them; try --ps-ranks {servers + 1})"
+                     if busy > 0.9 else ""))
         print(f"done: val loss {first_val:.4f} -> {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte) | "
               f"{perf['tokens_per_s']:,.0f} tok/s | compute {compute:.1f}s, comm {comm_s:.1f}s exposed of "
               f"{comm_total:.1f}s ({comm_s / (compute + comm_s):.0%}) | {wall:.0f}s | {cfg.out}")

@@ -78,6 +78,8 @@ def test_local_modes_resume_bit_identically(tmp_path_factory, extra):
     (["--sync", "local", "--staleness-lr"], "--staleness-lr applies only with --sync async"),
     (["--sync", "async", "--max-staleness", "-2"], "--max-staleness -2: must be >= -1"),
     (["--sync", "async", "--compress", "bf16"], "--sync async with --compress bf16"),
+    (["--ps-ranks", "2"], "--ps-ranks applies only with --sync async"),
+    (["--sync", "async", "--ps-ranks", "0"], "--ps-ranks 0: must be > 0"),
     (["--slow-factor", "0.5"], "--slow-factor 0.5: must be >= 1"),
     (["--slow-rank", "-3"], "--slow-rank -3: must be >= -1"),
     (["--outer-lr", "0.5"], "--outer-lr applies only with --sync diloco (this run has --sync sync)"),
@@ -103,26 +105,29 @@ def test_the_mode_names_match_the_modes_package():
 
 @pytest.mark.mpi(min_size=2)
 def test_async_with_one_worker_equals_sequential_sgd_on_the_same_batches(tmp_path_factory):
-    """One worker, max staleness 0: the server applies the worker's gradients one by one, so the
-    result is single-process training on the worker's batches, bit for bit."""
+    """One worker, max staleness 0: the servers apply the worker's gradients one by one, so the
+    result is single-process training on the worker's batches, bit for bit. Every rank but the last
+    serves (--ps-ranks N-1): at np 3 and more the parameters are sliced over several servers, each
+    clipping its slice by the worker's norm of the whole gradient."""
     from mpilm import run
 
     comm = MPI.COMM_WORLD
-    if comm.size != 2:
-        pytest.skip("exactly one worker: needs -np 2")
+    servers = comm.size - 1
     root = shared_tmp(tmp_path_factory, "async1")
-    args = [*TINY, "--steps", "6", "--max-staleness", "0"]
-    cfg = config.parse([*args, "--sync", "async", "--out", str(root / "async")])
-    job = run.build(cfg)
-    summary = train.run([*args, "--sync", "async", "--out", str(root / "async")])
+    args = [*TINY, "--steps", "6", "--grad-clip", "0.05"]  # a clip that bites
+    served_args = [*args, "--sync", "async", "--max-staleness", "0", "--ps-ranks", str(servers),
+                   "--out", str(root / "async")]
+    job = run.build(config.parse(served_args))
+    summary = train.run(served_args)
     assert summary["updates"] == 6 and summary["staleness_histogram"] == {"0": 6}
+    assert summary["ps_ranks"] == servers and len(summary["server_busy_shares"]) == servers
     served = checkpoint.load(root / "async" / "model.pt")["model"]
-    # the reference: this rank alone, on rank 1's block and batches (every rank builds one: start-up is collective)
-    ref = run.build(config.parse([*args[:-2], "--out", str(root / "ref")]), MPI.COMM_SELF, corpus=job.corpus)
-    ref.data_rank = 1
+    # the reference: this rank alone, on the worker's block and batches (every rank builds one: start-up is collective)
+    ref = run.build(config.parse([*args, "--out", str(root / "ref")]), MPI.COMM_SELF, corpus=job.corpus)
+    ref.data_rank = servers
     for _ in range(6):
         ref.step()
-    if comm.rank == 1:  # the worker's corpus block is rank 1's
+    if comm.rank == servers:  # the worker's corpus block is its own
         for name, p in ref.model.state_dict().items():
             assert torch.equal(p, served[name]), name
     job.close()
@@ -140,7 +145,6 @@ def test_async_ends_with_the_servers_model_on_every_rank_and_resumes_from_its_ch
     # the budget is 8 gradients in all, from whichever workers sent them
     assert summary["updates"] + summary["dropped_gradients"] == 8
     assert sum(summary["staleness_histogram"].values()) == 8 == sum(summary["gradients_per_worker"].values())
-    assert 0 <= summary["gradients_past_budget"] <= workers - 1
     assert 0 <= summary["server_busy_share"] <= 1
     digest = sum(float(v.double().sum()) for v in checkpoint.load(straight / "model.pt")["model"].values())
     assert len(set(comm.allgather(digest))) == 1
@@ -158,27 +162,35 @@ def test_async_ends_with_the_servers_model_on_every_rank_and_resumes_from_its_ch
                 assert torch.equal(a[name], b[name]), name
 
 
-def test_async_needs_two_ranks(tmp_path):
+@pytest.mark.parametrize("np, extra, needle", [
+    (1, [], "error: --sync async needs at least 2 ranks"),
+    (2, ["--ps-ranks", "2"], "error: --ps-ranks 2 with 2 ranks leaves no worker: at most 1 servers"),
+])
+def test_async_needs_a_worker(tmp_path, np, extra, needle):
     from conftest import run_cli
 
-    done = run_cli(["-m", "mpilm.train", *TINY, "--sync", "async", "--out", str(tmp_path)], np=1, timeout=120)
+    done = run_cli(["-m", "mpilm.train", *TINY, "--sync", "async", *extra, "--out", str(tmp_path)], np=np, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: --sync async needs at least 2 ranks" in done.stderr, done.stderr[-2000:]
+    assert needle in done.stderr, done.stderr[-2000:]
 
 
-def signal_at_step_3(args: list[str], rank: int, signal_name: str) -> str:
+def signal_at_step_3(args: list[str], rank: int, signal_name: str, where: str = "worker") -> str:
     """A ``python -c`` script: mpilm.train with ``args``, where ``rank`` sends itself ``signal_name``
-    as it starts computing its gradient of step 3."""
+    as it starts computing its gradient of step 3 (``where="worker"``) or, an async server, as it
+    takes its fourth gradient (``where="server"``)."""
+    target, condition = {"worker": ("run.Run.compute_gradients", "args[0] == 3"),
+                         "server": ("async_ps.AsyncSGD._take", "self.taken == 3")}[where]
     return (
         "import os, signal, sys\n"
         "from mpi4py import MPI\n"
         "from mpilm import run, train\n"
-        "compute = run.Run.compute_gradients\n"
-        "def signalled(self, step):\n"
-        f"    if MPI.COMM_WORLD.rank == {rank} and step == 3:\n"
+        "from mpilm.modes import async_ps\n"
+        f"original = {target}\n"
+        "def signalled(self, *args):\n"
+        f"    if MPI.COMM_WORLD.rank == {rank} and {condition}:\n"
         f"        os.kill(os.getpid(), signal.{signal_name})\n"
-        "    return compute(self, step)\n"
-        "run.Run.compute_gradients = signalled\n"
+        "    return original(self, *args)\n"
+        f"{target} = signalled\n"
         f"sys.exit(train.main({args!r}))\n"
     )
 
@@ -211,6 +223,30 @@ def test_async_staleness_bound_drops_exactly_the_staler_gradients(tmp_path_facto
     # the fast worker contributes more than the straggler, rank 1, slowed 3x
     per_worker = {int(k): v for k, v in summary["gradients_per_worker"].items()}
     assert per_worker.get(2, 0) > per_worker.get(1, 0)
+
+
+def test_two_servers_evaluate_checkpoint_relay_a_servers_signal_and_resume(tmp_path):
+    """--ps-ranks 2 at np 4 (two servers, two workers): evaluations fetch the other server's slice
+    (one of them waits for a checkpoint's pause); SIGTERM to the second server reaches the lead
+    through a worker, every rank checkpoints and exits 75; --resume auto finishes the budget; a
+    resume with another --ps-ranks is refused (each server's optimizer state is its own slice's).
+    The fetches and the relay are timing-dependent: this run shows they end and agree, not their order."""
+    from conftest import run_cli
+
+    args = [*TINY, "--sync", "async", "--ps-ranks", "2", "--steps", "16", "--ckpt-every", "4", "--eval-every", "2",
+            "--out", str(tmp_path)]
+    first = run_cli(["-c", signal_at_step_3(args, rank=1, signal_name="SIGTERM", where="server")], np=4, timeout=180)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert "pre-empted by a signal" in first.stderr and checkpoint.complete_checkpoints(tmp_path / "ckpt")
+    again = run_cli(["-m", "mpilm.train", *args, "--resume", "auto"], np=4, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["updates"] + summary["dropped_gradients"] == 16 and summary["ps_ranks"] == 2
+    assert sum(summary["gradients_per_worker"].values()) == 16 and set(summary["gradients_per_worker"]) <= {"2", "3"}
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "val_loss" in r] == list(range(2, 17, 2))
+    other = run_cli(["-m", "mpilm.train", *args, "--ps-ranks", "1", "--resume", "auto"], np=4, timeout=180)
+    assert other.returncode == 2 and "--ps-ranks 2 (this run: 1)" in other.stderr, other.stderr[-2000:]
 
 
 def test_async_shuts_down_cleanly_at_np_4(tmp_path):

@@ -364,7 +364,7 @@ def run_row(mode: Mode, summary: dict, job: Job, n: int, tokens_per_batch: int) 
     }
     if is_async:
         row.update({k: summary[k] for k in ("updates", "staleness_mean", "staleness_histogram", "dropped_gradients",
-                                            "server_busy_share", "gradients_per_worker", "gradients_past_budget")})
+                                            "server_busy_share", "gradients_per_worker", "ps_ranks")})
     return row
 
 

@@ -2,8 +2,9 @@
 
 - ``sync`` (the default): gradients are averaged every step, bucket by bucket during backward
   (``comm/grad_sync.py``); every rank takes the same step. No object here: ``make`` returns None.
-- ``async`` (``async_ps.py``): rank 0 is a parameter server; workers push gradients and pull
-  parameters with point-to-point messages, never waiting for each other. It has its own loop
+- ``async`` (``async_ps.py``): ranks 0 .. ``--ps-ranks`` - 1 are parameter servers, each holding a
+  slice of the parameters; workers push gradients and pull parameters with point-to-point
+  messages, never waiting for each other. It has its own loop
   (``AsyncSGD.train``) instead of ``Run.step``.
 - ``local`` (``local.py``): every rank steps on its own gradients; every ``--local-steps H`` steps
   the parameters (and, with ``--local-average-optimizer``, the optimizer state) are averaged.
@@ -19,7 +20,7 @@ thread is idle. They import comm and optim, never run or train (the Run passes i
 
 from __future__ import annotations
 
-from mpilm.modes.async_ps import AsyncSGD
+from mpilm.modes.async_ps import AsyncSGD, server_slices
 from mpilm.modes.diloco import DiLoCo
 from mpilm.modes.local import LocalSGD
 
@@ -34,5 +35,5 @@ def make(cfg, grads, comm, optimizer, compressor):
         return DiLoCo(grads, comm, cfg.allreduce, cfg.local_steps, cfg.outer_lr, cfg.outer_momentum,
                       cfg.outer_nesterov, compressor)
     if cfg.sync == "async":
-        return AsyncSGD(grads, comm, cfg.max_staleness, cfg.staleness_lr)
+        return AsyncSGD(grads, comm, cfg.max_staleness, cfg.staleness_lr, cfg.ps_ranks)
     return None

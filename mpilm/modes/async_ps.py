@@ -1,28 +1,40 @@
-"""Asynchronous SGD with a parameter server (``--sync async``): workers never wait for each other.
+"""Asynchronous SGD with parameter servers (``--sync async``): workers never wait for each other.
 
-Does: rank 0 is the server; it holds the master parameters (its model) and the optimizer. Every
-other rank is a worker: it computes a gradient on its own block with the parameters it last
-received, sends it (a small header, then each flat gradient buffer: zero-copy ``Send`` of the
-buffers the hooks fill) and waits for fresh parameters, which land directly in its flat parameter
-buffer. The server takes gradients in arrival order (one posted header receive per worker, no
-barrier), applies each one (clip, optimizer step at the schedule's learning rate) and answers that
-worker alone. ``--steps`` is the token budget of the whole run: the server takes that many
-gradients in all, one batch each, from whichever workers send them, so a fast worker contributes
-more than a slow one and nobody waits for the straggler to finish a quota of its own. A gradient's staleness is the number of updates the server applied
-since the parameters it was computed with; with ``max_staleness`` >= 0 staler ones are dropped
-(counted, never applied: a stale update is not merely smaller, it points the wrong way), and
-``staleness_lr`` divides the learning rate by the staleness (Zhang et al. 2016, arXiv
-1511.05950). Every gradient's staleness goes into a histogram.
+Does: ranks 0 .. K-1 (``--ps-ranks K``, default 1) are the servers; each holds one contiguous slice
+of every flat parameter buffer (``common.shard_bounds``) and the optimizer state of that slice
+(``optim.SliceOptimizer``). Every other rank is a worker: it computes a gradient on its own block
+with the parameters it last received, measures the whole gradient's norm, and sends every server
+a small header (the version of that server's slice it used, its signal flag, its loss, the norm)
+and that server's slice of each flat gradient buffer (zero-copy nonblocking sends of views of the
+buffers the hooks fill); the fresh slices land directly in its flat parameter buffer. A server
+takes gradients in arrival order (one posted header receive per worker, no barrier), applies each
+one to its slice (clipped by the worker's norm, so K servers clip exactly as one would; optimizer
+step at the schedule's learning rate) and answers that worker alone. K servers divide the server's
+work and the traffic on its link by K; they never talk to each other while serving.
 
-Points in time where all ranks meet: checkpoints and pre-emption. When the server decides to
-pause (every ``checkpoint_every`` updates, or a signal on any rank: workers report theirs in the
-header) it answers each worker's next gradient with PAUSE; once every worker has its answer no
-message is in flight, and all ranks run the caller's collective ``checkpoint``; the server then
-re-posts its receives. Once the budget is taken, each worker's next gradient (computed meanwhile)
-is answered STOP and not applied (counted as past the budget), and the server's parameters are
-broadcast so every rank ends with the server's model.
+Rank 0, the lead server, keeps the budget and the run's control: ``--steps`` is the number of
+gradients taken in all, one batch each, from whichever workers send them, so a fast worker
+contributes more than a slow one. The lead grants a worker its next gradient when it answers the
+last one (CONTINUE) while the budget has room, else answers STOP: exactly ``--steps`` gradients are
+computed and every server takes each of them. A worker passes the lead's STOP or PAUSE on to the
+other servers in a header of its own. A gradient's staleness is the number of updates its server
+applied since the parameters it was computed with, judged by each server for its slice; with
+``max_staleness`` >= 0 staler ones are dropped (counted, never applied: a stale update is not
+merely smaller, it points the wrong way), and ``staleness_lr`` divides the learning rate by the
+staleness (Zhang et al. 2016, arXiv 1511.05950). The summary's histogram, drops and updates are the
+lead's; the busy share is every server's (the largest says whether servers are the bottleneck).
 
-The server waits by polling (``Testany``, then a sleep of 50 us doubling to 1 ms), not with
+Points in time where all ranks meet: checkpoints and pre-emption. When the lead decides to pause
+(every ``checkpoint_every`` updates, or a signal on any rank: workers report theirs in the header,
+other servers theirs in their answers, which workers relay) it answers each worker's next gradient
+with PAUSE; once every worker has its answers no message is in flight, every server's slice is
+broadcast to every rank, and all ranks run the caller's collective ``checkpoint``; the lead then
+says how much budget is left and the servers re-post their receives. At the end the servers'
+slices are broadcast so every rank ends with the servers' model. An evaluation during the run (the
+lead's, alone: the workers are busy) first fetches the other servers' slices, which they send
+between gradients; one due while pausing waits for the pause, where every slice is at hand.
+
+The servers wait by polling (``Testany``, then a sleep of 50 us doubling to 1 ms), not with
 ``Waitany``: MPICH's blocking wait spins a core, and a server that shares a node with workers (or a
 small machine) would take that core from their forward and backward. The cost is at most 1 ms of
 latency after an idle spell, against steps of tens of milliseconds or more.
@@ -33,16 +45,15 @@ lock on one node (MPICH 5, shared memory), and 148 vs 149 ms across a 1 Gbit/s e
 RMA would still need a flag the server polls to learn that a gradient arrived, which testing the
 posted receives gives for free.
 
-Does not: shard the parameters over several servers (one server, rank 0: several would have to
-agree on every pause among themselves); overlap a worker's send with its next backward; bound a
-worker's lead over the others (the staleness rule does); pause once the budget is taken: a
-checkpoint or a signal due then lets the run end.
+Does not: overlap a worker's exchange with its next backward; bound a worker's lead over the
+others (the staleness rule does); pause once the budget is fully granted: a checkpoint or a signal
+due then lets the run end.
 
-Limits: needs 2+ ranks. The order in which gradients arrive is not deterministic with 2+ workers,
-so only a one-worker run is bit-reproducible (and resumes bit-exactly). ``--steps`` counts the
-gradients the server takes (one worker's batch each; sync's S steps at N ranks are N x S of them),
-and the learning-rate schedule, warm-up included, runs over them: each applies one worker's gradient
-at the schedule's rate. At the end up to one gradient per worker was computed past the budget.
+Limits: needs K + 1 ranks or more. The order in which gradients arrive is not deterministic with 2+
+workers, so only a one-worker run is bit-reproducible (and resumes bit-exactly); with K servers a
+gradient may be dropped as stale by one server and applied by another. ``--steps`` counts the
+gradients the lead takes (one worker's batch each; sync's S steps at N ranks are N x S of them),
+and the learning-rate schedule, warm-up included, runs over each server's count of them.
 """
 
 from __future__ import annotations
@@ -56,205 +67,373 @@ from mpi4py import MPI
 
 from mpilm import optim
 from mpilm.comm import world
+from mpilm.comm.common import shard_bounds
+from mpilm.errors import UsageError
 
-SERVER = 0
-HEADER_TAG, GRADIENT_TAG, ANSWER_TAG, PARAMETER_TAG = 31_001, 31_002, 31_003, 31_004
-CONTINUE, PAUSE, PAUSE_AND_STOP, STOP = 0, 1, 2, 3
-HEADER_FIELDS = 3  # a gradient's header: the parameters' version, the worker's signal flag, its loss
+SERVER = 0  # the lead server: budget, pauses, stops, evaluation, the log
+HEADER_TAG, GRADIENT_TAG, ANSWER_TAG, PARAMETER_TAG, FETCH_TAG, FETCHED_TAG = range(31_001, 31_007)
+CONTINUE, PAUSE, PAUSE_AND_STOP, STOP = 0, 1, 2, 3  # the lead's answer; also a header's kind when a worker passes it on
+GRADIENT = -1  # a header's kind: a gradient follows
+FETCH, CLOSE = 1, 0  # what the lead asks another server for: its slice, or nothing more (the run is over)
+HEADER_FIELDS = 5  # kind, the version of the server's slice used, the worker's signal flag, its loss, the gradient's norm
+
+
+def server_slices(grads, servers: int, rank: int) -> list[tuple[torch.dtype, int, int]]:
+    """``rank``'s slice of every flat buffer when ``servers`` ranks serve (none for a worker)."""
+    if rank >= servers:
+        return []
+    return [(dtype, *shard_bounds(flat.numel(), servers, rank)) for dtype, flat in grads.flat.items()]
 
 
 class AsyncSGD:
     name = "async"
 
-    def __init__(self, grads, comm: MPI.Comm, max_staleness: int, staleness_lr: bool):
+    def __init__(self, grads, comm: MPI.Comm, max_staleness: int, staleness_lr: bool, servers: int = 1):
         self.grads, self.comm = grads, comm
         self.max_staleness, self.staleness_lr = max_staleness, staleness_lr
-        self.version = 0  # server: updates applied; worker: the version of the parameters it holds
+        self.servers, self.rank = servers, comm.Get_rank()
+        self.workers = list(range(servers, comm.Get_size()))
+        self.version = 0  # a server: updates applied to its slice; a worker: the lead's, as last heard
+        self.held = [0] * servers  # a worker: the version of each server's slice it holds
         self.dropped = 0
-        self.past_budget = 0  # server: gradients that arrived after the budget was taken (not applied)
         self.per_worker: collections.Counter = collections.Counter()  # worker rank -> gradients taken from it
         self.staleness: collections.Counter = collections.Counter()  # staleness -> gradients seen (server)
         self.busy_s = 0.0  # server: seconds applying gradients and answering
         self.idle_s = 0.0  # server: seconds waiting for the next gradient
 
     def describe(self) -> str:
-        workers = self.comm.Get_size() - 1
         rule = ("none dropped" if self.max_staleness < 0 else f"staler than {self.max_staleness} dropped")
-        return (f"async SGD: rank {SERVER} is the parameter server, {workers} worker(s) push gradients and pull "
-                f"parameters without waiting for each other ({rule}"
-                f"{', lr / staleness' if self.staleness_lr else ''})")
+        serving = (f"rank {SERVER} is the parameter server" if self.servers == 1 else
+                   f"ranks 0-{self.servers - 1} are parameter servers, each holding 1/{self.servers} of the parameters "
+                   f"and their optimizer state")
+        return (f"async SGD: {serving}, {len(self.workers)} worker(s) push gradients and pull parameters without "
+                f"waiting for each other ({rule}{', lr / staleness' if self.staleness_lr else ''})")
 
     def after_step(self, step: int, timer) -> None:  # the Run's own step loop is not used in this mode
         raise RuntimeError("--sync async runs AsyncSGD.train, not Run.step")
 
+    def _slice(self, flats: dict, server: int) -> list[torch.Tensor]:
+        """``server``'s slice of each flat buffer in ``flats`` (views: received into in place)."""
+        return [flat[slice(*shard_bounds(flat.numel(), self.servers, server))] for flat in flats.values()]
+
+    def _granted(self, left: int) -> list[int]:
+        """The workers granted a gradient when ``left`` of the budget is left: the first ``left`` ones."""
+        return self.workers[:max(0, left)]
+
     # ---------------------------------------------------------------- the loop
     def train(self, run, *, checkpoint_every: int, checkpoint, signalled, log=None, evaluate_every: int = 0,
               log_every: int = 1) -> str:
-        """Run until the server has taken ``--steps`` gradients in all; ``"done"`` or ``"preempted"``.
+        """Run until the lead server has taken ``--steps`` gradients in all; ``"done"`` or ``"preempted"``.
 
         ``checkpoint(version)``: collective, called on every rank at a pause. ``signalled()``: this
-        rank got a pre-emption signal. ``log(record)``: the server's progress (every ``log_every``
+        rank got a pre-emption signal. ``log(record)``: the lead's progress (every ``log_every``
         updates; with ``val_loss`` every ``evaluate_every``).
         """
-        is_server = self.comm.Get_rank() == SERVER
-        # SYNC (start-up): what is left of the budget, by the server's count (a resumed run may have none)
-        left = self.comm.bcast(run.cfg.steps - self.taken if is_server else None, root=SERVER)
+        # SYNC (start-up): what is left of the budget, by the lead's count (a resumed run may have none)
+        left = self.comm.bcast(run.cfg.steps - self.taken if self.rank == SERVER else None, root=SERVER)
         self.seen_at_start = self.taken
         self.wall_start = time.perf_counter()
-        if left <= 0:
-            self._final_parameters()
-            return "done"
-        if is_server:
-            return self._serve(run, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every)
-        return self._work(run, checkpoint, signalled)
+        if self.rank == SERVER:
+            outcome = self._lead(run, left, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every)
+        elif self.rank < self.servers:
+            outcome = self._follow(run, left, checkpoint, signalled)
+        else:
+            outcome = self._work(run, left, checkpoint, signalled)
+        if outcome == "done":
+            self._assemble()  # SYNC: every rank ends with the servers' parameters
+        return outcome
 
     @property
     def taken(self) -> int:
         """Server: gradients taken against the budget (applied, dropped as stale, or skipped as non-finite)."""
         return sum(self.staleness.values())
 
-    def _work(self, run, checkpoint, signalled) -> str:
+    def _work(self, run, left: int, checkpoint, signalled) -> str:
         timer, comm = run.timer, self.comm
-        header, answer = np.zeros(HEADER_FIELDS), np.zeros(2, dtype=np.int64)
-        while True:  # until the server answers STOP (its budget is taken) or a pause that ends the run
+        headers = np.zeros((self.servers, HEADER_FIELDS))
+        answers = np.zeros((self.servers, 3), dtype=np.int64)  # per server: its version, the lead's command, a signal
+        relayed = False  # another server reported a signal: pass it to the lead
+        granted = self.rank in self._granted(left)
+        while granted:  # until the lead answers STOP (the budget is granted) or a pause that ends the run
             step = run.step_index
             timer.begin_step(step)
             loss = run.compute_gradients(step)
-            header[:] = (self.version, 1.0 if signalled() else 0.0, float(loss))  # one device sync on CUDA
+            with timer.phase("optimizer"):  # measured here, where the whole gradient is; each server clips by it
+                norm = optim.clip_(list(self.grads.flat.values()), 0.0)
+            signal = 1.0 if signalled() or relayed else 0.0
+            loss_f, norm_f = float(loss), float(norm)  # one device sync on CUDA
+            for server in range(self.servers):
+                headers[server] = (GRADIENT, self.held[server], signal, loss_f, norm_f)
             t0 = time.perf_counter()
-            with timer.phase("comm"), run.watched(f"the parameter server's answer to gradient {step}"):
-                comm.Send(header, dest=SERVER, tag=HEADER_TAG)
-                for flat in self.grads.flat.values():
-                    _send(comm, flat, SERVER, GRADIENT_TAG)  # blocks until the server takes it
-                comm.Recv(answer, source=SERVER, tag=ANSWER_TAG)  # SYNC: blocks on the server only
-                for flat in self.grads.flat_params.values():
-                    _recv(comm, flat, SERVER, PARAMETER_TAG)  # the fresh parameters, into the model's buffer
+            with timer.phase("comm"), run.watched(f"the parameter servers' answers to gradient {step}"):
+                exchange = _Exchange(comm)
+                for server in range(self.servers):  # every server at once: each link carries its slice
+                    exchange.send(headers[server], server, HEADER_TAG)
+                    for piece in self._slice(self.grads.flat, server):
+                        exchange.send(piece, server, GRADIENT_TAG)
+                    exchange.receive(answers[server], server, ANSWER_TAG)
+                    for piece in self._slice(self.grads.flat_params, server):
+                        exchange.receive(piece, server, PARAMETER_TAG)  # the fresh slice, into the model's buffer
+                exchange.wait()  # SYNC: blocks on every server's answer (servers only, never another worker)
             timer.add("comm_total", time.perf_counter() - t0)
             timer.end_step()
             run.losses.append(loss)
             run.step_index += 1
-            self.version, command = int(answer[0]), int(answer[1])
-            if command in (PAUSE, PAUSE_AND_STOP):
-                checkpoint(self.version)  # SYNC: every rank, at a point where no message is in flight
-                if command == PAUSE_AND_STOP:
-                    return "preempted"
-            elif command == STOP:
+            self.held = [int(v) for v in answers[:, 0]]
+            self.version, command = self.held[SERVER], int(answers[SERVER, 1])
+            relayed = bool(answers[1:, 2].any())
+            if command == CONTINUE:
+                continue
+            for server in range(1, self.servers):  # they re-posted a receive for this worker's next header
+                headers[server, 0] = command
+                comm.Send(headers[server], dest=server, tag=HEADER_TAG)  # small: does not wait for the server
+            if command == STOP:
                 break
-        self._final_parameters()
+            left = self._pause(run, checkpoint, stopping=command == PAUSE_AND_STOP)
+            if left is None:
+                return "preempted"
+            granted = self.rank in self._granted(left)
         return "done"
 
-    def _serve(self, run, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every) -> str:
-        cfg, timer, comm = run.cfg, run.timer, self.comm
+    def _take(self, run, worker: int, header: np.ndarray) -> int:
+        """Server: receive ``worker``'s gradient for this server's slice and apply it (or drop it);
+        returns its staleness."""
+        cfg, comm = run.cfg, self.comm
+        _, version_used, _, loss, norm = header
+        with run.timer.phase("comm"):
+            for piece in self._slice(self.grads.flat, self.rank):
+                _recv(comm, piece, worker, GRADIENT_TAG)  # the gradient lands where param.grad points
+        staleness = self.version - int(version_used)
+        index = self.taken  # this gradient's place in the budget and in the lr schedule
+        self.staleness[staleness] += 1
+        self.per_worker[worker] += 1
+        if 0 <= self.max_staleness < staleness:
+            self.dropped += 1
+            return staleness
+        lr = optim.lr_at(index, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        if run.apply_gradients(lr / max(1, staleness) if self.staleness_lr else lr,
+                               norm=torch.tensor(norm, dtype=torch.float32, device=run.device)):
+            self.version += 1
+            run.step_index = self.version  # the server's slice is this many updates old
+            if self.rank == SERVER:
+                run.losses.append(torch.tensor(loss))  # the workers' losses, as the lead saw them
+        else:
+            run.skipped_steps += 1
+        return staleness
+
+    def _answer(self, worker: int, command: int, signal: bool) -> None:
+        """Server: the answer to ``worker``'s gradient, then this server's fresh slice."""
+        answer = np.array([self.version, command, int(signal)], dtype=np.int64)
+        self.comm.Send(answer, dest=worker, tag=ANSWER_TAG)  # the worker posted its receives with its gradient
+        for piece in self._slice(self.grads.flat_params, self.rank):
+            _send(self.comm, piece, worker, PARAMETER_TAG)
+
+    def _post(self, headers: dict, workers) -> dict:
+        return {w: self.comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in workers}
+
+    def _lead(self, run, left, checkpoint_every, checkpoint, signalled, log, evaluate_every, log_every) -> str:
+        cfg, timer = run.cfg, run.timer
         budget = cfg.steps
-        headers = {w: np.zeros(HEADER_FIELDS) for w in range(1, comm.Get_size())}
-        receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in headers}
-        answer = np.zeros(2, dtype=np.int64)
+        headers = {w: np.zeros(HEADER_FIELDS) for w in self.workers}
+        receives = self._post(headers, self._granted(left))
+        granted = self.taken + len(receives)  # gradients promised: taken, or being computed
         pausing, paused, stopping = False, set(), False
         window_losses, window_staleness, t_window = [], [], time.perf_counter()
+        pending = None  # a log record whose evaluation waits for the pause
         next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
         while receives:
             timer.begin_step(self.version)
             t0 = time.perf_counter()
             order = list(receives)
             with timer.phase("comm"), run.watched(f"a gradient from any of workers {world.compact_cores(order)}"):
-                index = _wait_any([receives[w] for w in order])  # SYNC: blocks on whichever worker is first
-            worker = order[index]
+                worker = order[_wait_any([receives[w] for w in order])]  # SYNC: blocks on whichever worker is first
             del receives[worker]
-            version_used, their_signal, loss = headers[worker]
-            with timer.phase("comm"):
-                for flat in self.grads.flat.values():
-                    _recv(comm, flat, worker, GRADIENT_TAG)  # the gradient lands where param.grad points
             t_busy = time.perf_counter()
             self.idle_s += t_busy - t0
-            staleness = self.version - int(version_used)
-            if self.taken >= budget:  # computed while the last gradients of the budget were taken
-                self.past_budget += 1
-            else:
-                index = self.taken  # this gradient's place in the budget and in the lr schedule
-                self.staleness[staleness] += 1
-                self.per_worker[worker] += 1
-                if 0 <= self.max_staleness < staleness:
-                    self.dropped += 1
-                else:
-                    lr = optim.lr_at(index, cfg.lr, budget, cfg.warmup_steps, cfg.min_lr_ratio)
-                    if run.apply_gradients(lr / max(1, staleness) if self.staleness_lr else lr):
-                        self.version += 1
-                        run.step_index = self.version  # the server's model is this many updates old
-                        window_losses.append(loss)
-                        run.losses.append(torch.tensor(loss))  # the workers' losses, as the server saw them
-                        window_staleness.append(staleness)
-                    else:
-                        run.skipped_steps += 1
-            # a pause needs every worker; once the budget is taken they are being stopped, and a
+            version_before = self.version
+            staleness = self._take(run, worker, headers[worker])
+            if self.version > version_before:
+                window_losses.append(float(headers[worker][3]))
+                window_staleness.append(staleness)
+            # a pause needs every worker; once the whole budget is granted they are being stopped, and a
             # late signal or checkpoint lets the run finish instead
-            open_budget = self.taken < budget
-            if (signalled() or their_signal) and open_budget:
+            room = granted < budget
+            if (signalled() or headers[worker][2]) and room:
                 pausing = stopping = True
-            if next_checkpoint is not None and self.version >= next_checkpoint and open_budget and not pausing:
+            if next_checkpoint is not None and self.version >= next_checkpoint and room and not pausing:
                 pausing = True
             if pausing:
                 command = PAUSE_AND_STOP if stopping else PAUSE
                 paused.add(worker)
+            elif room:
+                command, granted = CONTINUE, granted + 1
             else:
-                command = CONTINUE if open_budget else STOP
-            answer[:] = (self.version, command)
+                command = STOP
             with timer.phase("comm"):
-                comm.Send(answer, dest=worker, tag=ANSWER_TAG)
-                for flat in self.grads.flat_params.values():
-                    _send(comm, flat, worker, PARAMETER_TAG)
+                self._answer(worker, command, False)
             if command == CONTINUE:
-                receives[worker] = comm.Irecv(headers[worker], source=worker, tag=HEADER_TAG)
+                receives.update(self._post(headers, [worker]))
             self.busy_s += time.perf_counter() - t_busy
             timer.end_step()
             if log is not None and window_losses and (self.version % log_every == 0 or not receives and not paused):
                 record = {"step": self.version, "loss": float(np.mean(window_losses)),
                           "staleness_mean": float(np.mean(window_staleness)), "dropped": self.dropped,
                           "updates_per_s": len(window_losses) / max(1e-9, time.perf_counter() - t_window)}
-                if evaluate_every and self.version % evaluate_every == 0:
-                    record["val_loss"] = run.evaluate(alone=True)
-                log(record)
+                if evaluate_every and self.version % evaluate_every == 0 and pausing:
+                    pending = record  # the other servers may be in the pause already: evaluate there
+                else:
+                    if evaluate_every and self.version % evaluate_every == 0:
+                        self._fetch_slices()
+                        record["val_loss"] = run.evaluate(alone=True)
+                    log(record)
                 window_losses, window_staleness, t_window = [], [], time.perf_counter()
             if paused and not receives:
-                checkpoint(self.version)  # SYNC: every worker holds its answer; nothing is in flight
-                if stopping:
+                def log_pending():
+                    pending["val_loss"] = run.evaluate(alone=True)  # every slice is here: the pause assembled them
+                    log(pending)
+
+                left = self._pause(run, checkpoint, stopping, before_checkpoint=log_pending if pending else None)
+                if left is None:
                     return "preempted"
-                receives = {w: comm.Irecv(headers[w], source=w, tag=HEADER_TAG) for w in paused}
-                paused, pausing = set(), False
+                receives = self._post(headers, self._granted(left))
+                granted = self.taken + len(receives)
+                paused, pausing, pending = set(), False, None
                 next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every
-        self._final_parameters()
+        self._close_fetches()
         return "done"
 
-    def _final_parameters(self) -> None:
-        """SYNC: every rank ends with the server's parameters."""
-        for flat in self.grads.flat_params.values():
-            staged = flat.cpu() if flat.is_cuda and not world.cuda_aware() else flat
-            self.comm.Bcast(world.buf(staged), root=SERVER)
-            if staged is not flat:
-                flat.copy_(staged)
+    def _follow(self, run, left, checkpoint, signalled) -> str:
+        """Another server: take gradients for its slice until every worker has passed on the lead's STOP."""
+        timer = run.timer
+        headers = {w: np.zeros(HEADER_FIELDS) for w in self.workers}
+        receives = self._post(headers, self._granted(left))
+        fetch = self._post_fetch()
+        paused, stopping = set(), False
+        while receives:
+            timer.begin_step(self.version)
+            t0 = time.perf_counter()
+            order = list(receives)
+            with timer.phase("comm"), run.watched(f"a gradient from any of workers {world.compact_cores(order)}"):
+                # SYNC: blocks on the first worker (or the lead)
+                index = _wait_any([receives[w] for w in order] + ([fetch] if fetch is not None else []))
+            t_busy = time.perf_counter()
+            self.idle_s += t_busy - t0
+            if index == len(order):  # the lead evaluates and wants this slice, or it is done (before
+                # the workers' STOP headers reached this server)
+                fetch = self._answer_fetch()
+            else:
+                worker = order[index]
+                del receives[worker]
+                kind = int(headers[worker][0])
+                if kind == GRADIENT:
+                    self._take(run, worker, headers[worker])
+                    with timer.phase("comm"):
+                        self._answer(worker, CONTINUE, signalled())  # the lead decides; a signal goes to it by the worker
+                    receives.update(self._post(headers, [worker]))
+                elif kind in (PAUSE, PAUSE_AND_STOP):
+                    paused.add(worker)
+                    stopping = stopping or kind == PAUSE_AND_STOP
+            self.busy_s += time.perf_counter() - t_busy
+            timer.end_step()
+            if paused and not receives:
+                left = self._pause(run, checkpoint, stopping, fetch=fetch)
+                if left is None:
+                    return "preempted"
+                receives = self._post(headers, self._granted(left))
+                paused = set()
+        self._close_fetches(fetch)
+        return "done"
+
+    # ---------------------------------------------------------------- slices between servers
+    def _fetch_slices(self) -> None:
+        """The lead, before it evaluates: every other server's slice into its own model. Blocks on
+        each of them; they answer between gradients."""
+        for server in range(1, self.servers):
+            self.comm.Send(np.array([FETCH], dtype=np.int64), dest=server, tag=FETCH_TAG)
+            for piece in self._slice(self.grads.flat_params, server):
+                _recv(self.comm, piece, server, FETCHED_TAG)
+
+    def _send_slice(self) -> None:
+        for piece in self._slice(self.grads.flat_params, self.rank):
+            _send(self.comm, piece, SERVER, FETCHED_TAG)
+
+    def _post_fetch(self) -> MPI.Request:
+        self._fetch_request = np.zeros(1, dtype=np.int64)  # FETCH or CLOSE, from the lead
+        return self.comm.Irecv(self._fetch_request, source=SERVER, tag=FETCH_TAG)
+
+    def _answer_fetch(self) -> MPI.Request | None:
+        """Another server, once the lead's request has arrived: its slice (and the request re-posted),
+        or nothing when the lead said CLOSE (returns None then)."""
+        if int(self._fetch_request[0]) == CLOSE:
+            return None
+        self._send_slice()
+        return self._post_fetch()
+
+    def _close_fetches(self, fetch: MPI.Request | None = None) -> None:
+        """The end of serving: the lead tells every other server it will fetch nothing more; they
+        answer the lead's fetches until then (its last evaluation may come after their last gradient)."""
+        if self.rank == SERVER:
+            for server in range(1, self.servers):
+                self.comm.Send(np.array([CLOSE], dtype=np.int64), dest=server, tag=FETCH_TAG)
+        elif self.rank < self.servers:
+            while fetch is not None:
+                _wait_any([fetch])  # SYNC: blocks on the lead, serving its last gradients or evaluating
+                fetch = self._answer_fetch()
+
+    # ---------------------------------------------------------------- where all ranks meet
+    def _pause(self, run, checkpoint, stopping: bool, before_checkpoint=None, fetch=None) -> int | None:
+        """Every rank, once no message is in flight: the slices assembled, the checkpoint written;
+        returns the budget left (None: the run stops here, pre-empted). SYNC."""
+        self._assemble()
+        if before_checkpoint is not None:
+            before_checkpoint()  # the lead's evaluation that waited for the pause
+        checkpoint(self.version)  # SYNC: every rank (the lead's version names it)
+        if stopping:
+            self._close_fetches(fetch)
+            return None
+        return self.comm.bcast(run.cfg.steps - self.taken if self.rank == SERVER else None, root=SERVER)
+
+    def _assemble(self) -> None:
+        """SYNC: every server's slice (and version) to every rank: all ranks hold the servers' model."""
+        versions = self.comm.allgather(self.version)[:self.servers]  # small, at pauses and the end only
+        for server in range(self.servers):
+            for piece in self._slice(self.grads.flat_params, server):
+                staged = piece.cpu() if piece.is_cuda and not world.cuda_aware() else piece
+                self.comm.Bcast(world.buf(staged), root=server)
+                if staged is not piece:
+                    piece.copy_(staged)
+        if self.rank >= self.servers:
+            self.held, self.version = versions, versions[SERVER]
 
     def summary(self) -> dict:
-        """The server's figures (meaningful on rank 0): updates, dropped, staleness histogram, busy share."""
+        """The lead's figures (updates, dropped, staleness histogram) and every server's busy share.
+        SYNC: every rank calls it (the busy shares are gathered)."""
+        shares = self.comm.allgather(self.busy_s / max(1e-9, self.busy_s + self.idle_s))[:self.servers]
         seen = self.taken
-        return {"updates": self.version, "dropped_gradients": self.dropped,
+        return {"updates": self.version, "dropped_gradients": self.dropped, "ps_ranks": self.servers,
                 "gradients_this_run": seen - getattr(self, "seen_at_start", 0),
-                "gradients_past_budget": self.past_budget,
                 "gradients_per_worker": {str(k): v for k, v in sorted(self.per_worker.items())},
                 "async_wall_s": time.perf_counter() - getattr(self, "wall_start", time.perf_counter()),
                 "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
                 "staleness_mean": sum(k * v for k, v in self.staleness.items()) / seen if seen else 0.0,
-                "server_busy_share": self.busy_s / max(1e-9, self.busy_s + self.idle_s)}
+                "server_busy_share": max(shares), "server_busy_shares": shares}
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"version": self.version, "dropped": self.dropped, "staleness": dict(self.staleness),
-                "past_budget": self.past_budget,
-                "per_worker": dict(self.per_worker), "busy_s": self.busy_s, "idle_s": self.idle_s}
+        return {"version": self.version, "held": list(self.held), "ps_ranks": self.servers, "dropped": self.dropped,
+                "staleness": dict(self.staleness), "per_worker": dict(self.per_worker), "busy_s": self.busy_s,
+                "idle_s": self.idle_s}
 
     def load_state_dict(self, state: dict) -> None:
+        servers = int(state.get("ps_ranks", 1))
+        if servers != self.servers:
+            raise UsageError(f"the checkpoint was written with --ps-ranks {servers} and this run has --ps-ranks "
+                             f"{self.servers}: each server's optimizer state covers its own slice; resume with "
+                             f"--ps-ranks {servers}")
         self.version, self.dropped = int(state["version"]), int(state["dropped"])
+        self.held = [int(v) for v in state.get("held", [self.version])]
         self.staleness = collections.Counter({int(k): int(v) for k, v in state["staleness"].items()})
         self.busy_s, self.idle_s = float(state["busy_s"]), float(state["idle_s"])
-        self.past_budget = int(state["past_budget"])
         self.per_worker = collections.Counter({int(k): int(v) for k, v in state["per_worker"].items()})
 
 
@@ -270,16 +449,48 @@ def _wait_any(requests: list[MPI.Request]) -> int:
         pause = min(2 * pause, 1e-3)
 
 
+class _Exchange:
+    """Nonblocking sends and receives, waited for together: flat-buffer views zero-copy (through host
+    memory when MPI cannot read device memory), small numpy arrays as they are."""
+
+    def __init__(self, comm: MPI.Comm):
+        self.comm, self.requests, self.kept, self.landing = comm, [], [], []
+
+    def send(self, data, dest: int, tag: int) -> None:
+        if isinstance(data, torch.Tensor):
+            staged = data.cpu() if data.is_cuda and not world.cuda_aware() else data
+            self.kept.append(staged)  # alive until the request completes
+            self.requests.append(self.comm.Isend(world.buf(staged), dest=dest, tag=tag))
+            world.traffic.add(sent=data.nbytes)
+        else:
+            self.requests.append(self.comm.Isend(data, dest=dest, tag=tag))
+
+    def receive(self, data, source: int, tag: int) -> None:
+        if isinstance(data, torch.Tensor):
+            staged = torch.empty_like(data, device="cpu") if data.is_cuda and not world.cuda_aware() else data
+            if staged is not data:
+                self.landing.append((staged, data))
+            self.requests.append(self.comm.Irecv(world.buf(staged), source=source, tag=tag))
+            world.traffic.add(received=data.nbytes)
+        else:
+            self.requests.append(self.comm.Irecv(data, source=source, tag=tag))
+
+    def wait(self) -> None:
+        """SYNC: blocks until every posted send and receive completes."""
+        MPI.Request.Waitall(self.requests)
+        for staged, data in self.landing:
+            data.copy_(staged)
+
+
 def _send(comm: MPI.Comm, flat: torch.Tensor, dest: int, tag: int) -> None:
-    """Zero-copy Send of a flat buffer (through host memory when MPI cannot read device memory)."""
-    staged = flat.cpu() if flat.is_cuda and not world.cuda_aware() else flat
-    comm.Send(world.buf(staged), dest=dest, tag=tag)
-    world.traffic.add(sent=flat.nbytes)
+    """Send of a flat buffer (view), zero-copy; blocks until MPI may reuse it."""
+    exchange = _Exchange(comm)
+    exchange.send(flat, dest, tag)
+    exchange.wait()
 
 
 def _recv(comm: MPI.Comm, flat: torch.Tensor, source: int, tag: int) -> None:
-    staged = torch.empty_like(flat, device="cpu") if flat.is_cuda and not world.cuda_aware() else flat
-    comm.Recv(world.buf(staged), source=source, tag=tag)
-    world.traffic.add(received=flat.nbytes)
-    if staged is not flat:
-        flat.copy_(staged)
+    """Receive into a flat buffer (view), zero-copy; blocks until it has landed."""
+    exchange = _Exchange(comm)
+    exchange.receive(flat, source, tag)
+    exchange.wait()
