@@ -31,16 +31,16 @@ def bench(argv, capsys):
     return status, captured.out, captured.err
 
 
-def test_three_modes_on_one_token_budget(tmp_path, corpus, capsys):
+def test_four_modes_on_one_token_budget(tmp_path, corpus, capsys):
     out = tmp_path / "sync-modes.json"
-    status, stdout, err = bench(["sync-modes", "--modes", "sync,async,diloco-2", "--steps", "4", "--eval-every", "2",
+    status, stdout, err = bench(["sync-modes", "--modes", "sync,async,async-ps2,diloco-2", "--steps", "4", "--eval-every", "2",
                                  "--timeout", "120", "--out", str(tmp_path / "runs"), "--json", str(out),
                                  "--plot", str(tmp_path / "sync-modes.png"), "--", *TINY, *corpus], capsys)
     assert status == 0, err
     doc = json.loads(out.read_text())
     assert doc["world_size"] == 2 and doc["async_steps"] == 8  # the server takes the 8 batches of sync's 4 steps
     rows = {r["mode"]: r for r in doc["rows"]["local"]}
-    assert list(rows) == ["sync", "async", "diloco-2"]
+    assert list(rows) == ["sync", "async", "async-ps2", "diloco-2"]
     budget = 4 * 2 * 4 * 16
     for name, row in rows.items():
         assert row["tokens"] == budget, name
@@ -57,19 +57,21 @@ def test_three_modes_on_one_token_budget(tmp_path, corpus, capsys):
     assert asynchronous["world_size"] == 3 and rows["sync"]["world_size"] == 2
     assert asynchronous["steps"] == 8 and asynchronous["updates"] == 8 and asynchronous["dropped_gradients"] == 0
     assert sum(asynchronous["staleness_histogram"].values()) == 8 == sum(asynchronous["gradients_per_worker"].values())
-    # every gradient costs G up and G back
-    assert asynchronous["bytes_per_step"] == pytest.approx(2 * asynchronous["gradient_bytes"], rel=0.01)
+    # every gradient costs G up and G back, with one server or sliced over two (on 4 ranks)
+    for row in (asynchronous, rows["async-ps2"]):
+        assert row["bytes_per_step"] == pytest.approx(2 * row["gradient_bytes"], rel=0.01)
+    assert rows["async-ps2"]["world_size"] == 4 and rows["async-ps2"]["ps_ranks"] == 2
     assert rows["diloco-2"]["bytes_fewer"] == pytest.approx(sync["bytes_per_step"] / rows["diloco-2"]["bytes_per_step"])
     assert (tmp_path / "sync-modes.png").stat().st_size > 0
     assert "## link local: 2 ranks" in stdout and "x fewer" in stdout
     table = stdout[stdout.index("## link local"):]
-    assert [line.split()[0] for line in table.splitlines()[3:6]] == ["sync", "async", "diloco-2"]
+    assert [line.split()[0] for line in table.splitlines()[3:7]] == ["sync", "async", "async-ps2", "diloco-2"]
 
 
 def test_token_budget_and_evaluation_cadence():
     assert [sync_modes.async_steps(300, n) for n in (1, 2, 3)] == [300, 600, 900]  # the server's gradients in all
-    modes = {m.name: m for m in sync_modes.parse_modes("sync,async,local-16,diloco-100,sync-topk")}
-    assert [sync_modes.ranks_for(modes[m], 2) for m in ("sync", "async", "diloco-100")] == [2, 3, 2]
+    modes = {m.name: m for m in sync_modes.parse_modes("sync,async,async-ps2,local-16,diloco-100,sync-topk")}
+    assert [sync_modes.ranks_for(modes[m], 2) for m in ("sync", "async", "async-ps2", "diloco-100")] == [2, 3, 4, 2]
     assert modes["sync-topk"] == sync_modes.Mode("sync-topk", "sync", compress="topk")
     assert sync_modes.parse_modes("sync-sign") == [sync_modes.Mode("sync-sign", "sync", compress="sign")]
     assert [sync_modes.eval_every_for(modes[m], 50, 3) for m in ("sync", "async", "local-16", "diloco-100")] == [50, 150, 64, 100]

@@ -13,7 +13,8 @@ the other at each ``--link`` rate, and tabulates them against the ``sync`` row o
   worker, has one rank fewer computing and cannot finish sooner). Its ``--steps`` is the
   server's budget of gradients in all, ``N x S`` (``async_steps``), taken from whichever workers
   send them, and its ``--warmup-steps`` and ``--eval-every`` are N times the sync rows', so the
-  learning-rate schedule and the evaluations fall on the same token counts;
+  learning-rate schedule and the evaluations fall on the same token counts; ``async-psK``: the
+  same with ``--ps-ranks K``, K servers (ranks 0..K-1) each holding a slice, on N + K ranks;
 - ``local-H``: ``--sync local --local-steps H``; ``diloco-H``: ``--sync diloco --local-steps H``
   (with the bench's ``--outer-lr`` / ``--outer-momentum``). ``--steps`` must be a multiple of H, so
   every run ends on an exchange.
@@ -39,7 +40,7 @@ it covers / the exchanges among them x all exchanges. In async the ranks' step c
 server counts updates, a worker its gradients) and every gradient crosses twice (G bytes of
 gradient to the server, G bytes of parameters back), so its run total is the per-step mean over
 ranks x 2 x the gradients taken. ``--slow-rank R --slow-factor F`` goes to every row (rank R
-sleeps (F-1) x its compute time each step; in async the same computing rank is worker R + 1).
+sleeps (F-1) x its compute time each step; in async the same computing rank is worker R + K).
 With ``--repeat`` every row runs that many times, in turn (every row once, then again); the row
 shows the run with the median wall time, and its time ratio and reach are the medians of each
 repeat's own (a repeat's rows run back to back, under the same load of a shared machine; whole
@@ -51,9 +52,9 @@ draws val loss against wall time, one panel per link rate.
 
 Limits: a launcher, run as one process (not under ``mpirun -np >1``). ``--cluster`` expects the
 emulated cluster named by ``MPILM_CLUSTER`` to be up (``python -m mpilm.cluster up --nodes 3``;
-root), with a slot for async's server beyond the N ranks (``--np`` defaults to every slot, or every
-slot but one when an async row is listed; Hydra fills the nodes in order, so sync's N ranks take
-the first N slots and async's server and workers N + 1); each ``--link`` rate is set on every node's link with ``cluster link NODE --rate`` before
+root), with a slot for each of async's servers beyond the N ranks (``--np`` defaults to every slot,
+or every slot but K when an async row with K servers is listed; Hydra fills the nodes in order, so
+sync's N ranks take the first N slots and async's servers and workers N + K); each ``--link`` rate is set on every node's link with ``cluster link NODE --rate`` before
 that rate's rows and the cluster's own rate is set back at the end. Every job runs in its own
 process group, killed after ``--timeout`` seconds (on the cluster every process on its nodes too).
 Wall times on a shared machine move with its load: rows of one invocation run back to back, so
@@ -118,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cluster: link rates to run every row at, comma-separated tc rates, e.g. "
                              "100mbit,1gbit (default: the cluster's own)")
     parser.add_argument("--slow-rank", type=int, default=-1,
-                        help="make this rank (0..N-1) a straggler in every row (async: the same computing rank, worker R + 1); "
+                        help="make this rank (0..N-1) a straggler in every row (async: the same computing rank, worker R + K); "
                              "-1: none")
     parser.add_argument("--slow-factor", type=float, default=2.0, help="with --slow-rank: how many times slower it computes")
     parser.add_argument("--outer-lr", type=float, default=None, help="diloco rows: the outer learning rate (default: train's)")
@@ -147,6 +148,7 @@ class Mode:
     sync: str
     local_steps: int | None = None
     compress: str = "none"
+    ps_ranks: int = 1  # async: parameter server ranks (``async-psK``)
 
 
 def parse_modes(text: str) -> list[Mode]:
@@ -159,13 +161,17 @@ def parse_modes(text: str) -> list[Mode]:
             modes.append(Mode(name, name))
         elif name in ("sync-topk", "sync-sign"):
             modes.append(Mode(name, "sync", compress=name.removeprefix("sync-")))
+        elif m := re.fullmatch(r"async-ps(\d+)", name):
+            if int(m.group(1)) < 1:
+                raise UsageError(f"--modes {name}: K must be >= 1")
+            modes.append(Mode(name, "async", ps_ranks=int(m.group(1))))
         elif m := re.fullmatch(r"(local|diloco)-(\d+)", name):
             if int(m.group(2)) < 1:
                 raise UsageError(f"--modes {name}: H must be >= 1")
             modes.append(Mode(name, m.group(1), local_steps=int(m.group(2))))
         else:
-            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, sync-sign, async, local-H or diloco-H (H steps "
-                             "between exchanges, e.g. diloco-50)")
+            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, sync-sign, async, async-psK, local-H or "
+                             "diloco-H (K parameter servers, H steps between exchanges, e.g. diloco-50)")
     if not modes:
         raise UsageError("--modes: empty list; name at least one row, e.g. sync,diloco-50")
     if len({m.name for m in modes}) != len(modes):
@@ -180,8 +186,8 @@ def async_steps(steps: int, n: int) -> int:
 
 
 def ranks_for(mode: Mode, n: int) -> int:
-    """The job's ranks: N, and for async N workers plus the server."""
-    return n + 1 if mode.sync == "async" else n
+    """The job's ranks: N, and for async N workers plus the servers."""
+    return n + mode.ps_ranks if mode.sync == "async" else n
 
 
 def eval_every_for(mode: Mode, eval_every: int, n: int) -> int:
@@ -210,9 +216,10 @@ def mode_args(mode: Mode, args, n: int, shared: config.TrainConfig) -> list[str]
         out += ["--log-every", str(math.gcd(shared.log_every, eval_every)),
                 "--warmup-steps", str(shared.warmup_steps * n)]  # the same tokens of warm-up as sync's
         out += [*(["--max-staleness", str(args.max_staleness)] if args.max_staleness is not None else []),
-                *(["--staleness-lr"] if args.staleness_lr else [])]
-    if args.slow_rank >= 0:  # the same computing rank: async's workers are ranks 1..N
-        slowed = args.slow_rank + 1 if mode.sync == "async" else args.slow_rank
+                *(["--staleness-lr"] if args.staleness_lr else []),
+                *(["--ps-ranks", str(mode.ps_ranks)] if mode.ps_ranks > 1 else [])]
+    if args.slow_rank >= 0:  # the same computing rank: async's workers are ranks K..K+N-1
+        slowed = args.slow_rank + mode.ps_ranks if mode.sync == "async" else args.slow_rank
         out += ["--slow-rank", str(slowed), "--slow-factor", f"{args.slow_factor:g}"]
     return out
 
@@ -338,8 +345,10 @@ def run_row(mode: Mode, summary: dict, job: Job, n: int, tokens_per_batch: int) 
     batches = summary["gradients_this_run"] if is_async else summary["steps"] * n
     tokens = batches * tokens_per_batch
     per_rank_step = summary["bytes_received_per_step"] + summary.get("bytes_shm_read_per_step", 0.0)
-    if is_async:  # every gradient taken is two messages of its size, one each way
-        run_bytes = per_rank_step * 2 * batches
+    if is_async:  # every gradient taken is G bytes up and G back (in K slices, one per server). Per
+        # step (a worker's gradient, a server's take) a worker receives G and a server G / K, so the
+        # ranks' per-step means sum to (N + 1) G: the run moved that sum x 2 / (N + 1) per batch
+        run_bytes = per_rank_step * ranks_for(mode, n) * 2 / (n + 1) * batches
     else:  # the mean leaves out step 1 (warm-up), which exchanges only when every step does (H = 1)
         every, steps = mode.local_steps or 1, summary["steps"]
         measured = steps // every - (1 if every == 1 else 0)
@@ -433,10 +442,10 @@ def target_lines(rows: list[dict], slowed: bool) -> list[str]:
                    f"val loss {d['loss_ratio']:.3f} x sync's ({'met' if ok_loss else 'MISSED'}: <= 1.03), "
                    f"sync's final val loss reached at {_fmt(d['reach_share'], '.2f', 'never')} of sync's time "
                    f"({'met' if ok_reach else 'MISSED'}: <= 0.5, the target at 100mbit)")
-    if slowed and (a := by_mode.get(ASYNC_TARGET["mode"])) is not None:
+    for a in (r for r in rows if slowed and r["sync"] == ASYNC_TARGET["mode"]):  # async and every async-psK
         sooner = 1 / a["time_ratio"]
         ok_time, ok_loss = sooner >= ASYNC_TARGET["sooner"], a["loss_ratio"] <= ASYNC_TARGET["loss_ratio"]
-        out.append(f"async, one rank slowed: finished the budget {sooner:.2f}x as fast as sync "
+        out.append(f"{a['mode']}, one rank slowed: finished the budget {sooner:.2f}x as fast as sync "
                    f"({'met' if ok_time else 'MISSED'}: >= 1.3x), val loss {a['loss_ratio']:.3f} x sync's "
                    f"({'met' if ok_loss else 'MISSED'}: <= 1.05)")
     return out
@@ -524,14 +533,15 @@ def run(args) -> dict:
     nodes = _cluster_nodes() if args.cluster else None
     links = parse_links(args.link, nodes)
     if nodes is not None:
-        extra = 1 if any(m.sync == "async" for m in modes) else 0  # async's server: a slot beyond the N ranks
+        # async's servers: slots beyond the N ranks
+        extra = max([m.ps_ranks for m in modes if m.sync == "async"], default=0)
         slots = nodes.nodes[0].slots * len(nodes.nodes)
         try:
             n = cluster.launch_plan(nodes, args.np if args.np is not None else max(1, slots - extra), None)[0]
             cluster.launch_plan(nodes, n + extra, None)
         except cluster.ClusterError as err:
-            raise UsageError(f"--np: {err}" + (" (async rows run N + 1 ranks: N workers and the parameter server; "
-                                               "bring the cluster up with a node more)" if extra else "")) from None
+            raise UsageError(f"--np: {err}" + (f" (async rows run N + K ranks: N workers and K parameter servers; "
+                                               f"bring the cluster up with {extra} node(s) more)" if extra else "")) from None
     else:
         n = 2 if args.np is None else args.np
         if n < 1:
@@ -550,8 +560,9 @@ def run(args) -> dict:
     where = (f"emulated cluster {nodes.name} ({len(nodes.nodes)} nodes), links {','.join(links)}" if nodes is not None
              else f"this machine, {launcher}")
     slow = f", rank {args.slow_rank} slowed {args.slow_factor:g}x" if args.slow_rank >= 0 else ""
+    servers = " or ".join(str(k) for k in sorted({m.ps_ranks for m in modes if m.sync == "async"})) or "1"
     print(f"# mpilm sync-modes: {n} ranks on {where}{slow}; budget {args.steps} sync steps = {args.steps * n} batches of "
-          f"{tokens_per_batch} tokens ({args.steps * n * tokens_per_batch:,} tokens); async: {n} workers + 1 server rank, "
+          f"{tokens_per_batch} tokens ({args.steps * n * tokens_per_batch:,} tokens); async: {n} workers + {servers} server rank(s), "
           f"{async_steps(args.steps, n)} gradients in all; evaluations every {args.eval_every * n * tokens_per_batch:,} tokens; "
           f"{args.repeat} repeat(s)", flush=True)
     print(f"# train options (every row): {' '.join([*_CHILD_DEFAULTS, *train_args])}", flush=True)

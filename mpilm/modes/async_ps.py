@@ -310,7 +310,7 @@ class AsyncSGD:
         fetch = self._post_fetch()
         paused, stopping = set(), False
         while receives:
-            timer.begin_step(self.version)
+            timer.begin_step(self.version)  # a step is one gradient: a fetch or a passed-on command begins it again
             t0 = time.perf_counter()
             order = list(receives)
             with timer.phase("comm"), run.watched(f"a gradient from any of workers {world.compact_cores(order)}"):
@@ -330,11 +330,11 @@ class AsyncSGD:
                     with timer.phase("comm"):
                         self._answer(worker, CONTINUE, signalled())  # the lead decides; a signal goes to it by the worker
                     receives.update(self._post(headers, [worker]))
+                    timer.end_step()
                 elif kind in (PAUSE, PAUSE_AND_STOP):
                     paused.add(worker)
                     stopping = stopping or kind == PAUSE_AND_STOP
             self.busy_s += time.perf_counter() - t_busy
-            timer.end_step()
             if paused and not receives:
                 left = self._pause(run, checkpoint, stopping, fetch=fetch)
                 if left is None:
