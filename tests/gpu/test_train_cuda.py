@@ -126,3 +126,20 @@ def test_run_reports_mfu_on_cuda(data, capsys):
     assert 0 < summary["mfu"] < 1
     if comm.rank == 0:
         assert f"MFU {summary['mfu']:.1%}" in out
+
+
+@pytest.mark.mpi(min_size=2)
+def test_async_servers_and_workers_exchange_cuda_buffers(data):
+    """--sync async on CUDA (every rank but the last serves a slice): the nonblocking slices, the
+    fetch before an evaluation and the final broadcast go through host memory when MPI cannot read
+    device memory; every rank ends with the same model, all of the budget taken."""
+    from mpilm import checkpoint, train
+
+    root, corpus = data
+    comm = MPI.COMM_WORLD
+    out = root / "async-cuda"
+    summary = train.run([*SMALL, *corpus, "--sync", "async", "--ps-ranks", str(comm.size - 1), "--steps", "6",
+                         "--log-every", "2", "--eval-every", "2", "--out", str(out)])
+    assert summary["updates"] + summary["dropped_gradients"] == 6 and summary["ps_ranks"] == comm.size - 1
+    digest = sum(float(v.double().sum()) for v in checkpoint.load(out / "model.pt")["model"].values())
+    assert len(set(comm.allgather(digest))) == 1
