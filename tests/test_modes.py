@@ -1,6 +1,7 @@
 """--sync local|diloco: the equivalences that pin them down, bit-exact resume, and their usage errors."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -242,6 +243,7 @@ def test_two_servers_evaluate_checkpoint_relay_a_servers_signal_and_resume(tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["updates"] + summary["dropped_gradients"] == 16 and summary["ps_ranks"] == 2
+    assert math.isfinite(summary["final_train_loss"])  # every server keeps the losses it saw
     assert sum(summary["gradients_per_worker"].values()) == 16 and set(summary["gradients_per_worker"]) <= {"2", "3"}
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "val_loss" in r] == list(range(2, 17, 2))

@@ -215,8 +215,7 @@ class AsyncSGD:
                                norm=torch.tensor(norm, dtype=torch.float32, device=run.device)):
             self.version += 1
             run.step_index = self.version  # the server's slice is this many updates old
-            if self.rank == SERVER:
-                run.losses.append(torch.tensor(loss))  # the workers' losses, as the lead saw them
+            run.losses.append(torch.tensor(loss))  # the workers' losses, as this server saw them
         else:
             run.skipped_steps += 1
         return staleness
@@ -283,7 +282,7 @@ class AsyncSGD:
                     pending = record  # the other servers may be in the pause already: evaluate there
                 else:
                     if evaluate_every and self.version % evaluate_every == 0:
-                        self._fetch_slices()
+                        self._fetch_slices(run)
                         record["val_loss"] = run.evaluate(alone=True)
                     log(record)
                 window_losses, window_staleness, t_window = [], [], time.perf_counter()
@@ -299,7 +298,7 @@ class AsyncSGD:
                 granted = self.taken + len(receives)
                 paused, pausing, pending = set(), False, None
                 next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every
-        self._close_fetches()
+        self._close_fetches(run)
         return "done"
 
     def _follow(self, run, left, checkpoint, signalled) -> str:
@@ -341,17 +340,18 @@ class AsyncSGD:
                     return "preempted"
                 receives = self._post(headers, self._granted(left))
                 paused = set()
-        self._close_fetches(fetch)
+        self._close_fetches(run, fetch)
         return "done"
 
     # ---------------------------------------------------------------- slices between servers
-    def _fetch_slices(self) -> None:
+    def _fetch_slices(self, run) -> None:
         """The lead, before it evaluates: every other server's slice into its own model. Blocks on
         each of them; they answer between gradients."""
         for server in range(1, self.servers):
-            self.comm.Send(np.array([FETCH], dtype=np.int64), dest=server, tag=FETCH_TAG)
-            for piece in self._slice(self.grads.flat_params, server):
-                _recv(self.comm, piece, server, FETCHED_TAG)
+            with run.watched(f"server {server}'s slice of the parameters, for an evaluation"):
+                self.comm.Send(np.array([FETCH], dtype=np.int64), dest=server, tag=FETCH_TAG)
+                for piece in self._slice(self.grads.flat_params, server):
+                    _recv(self.comm, piece, server, FETCHED_TAG)
 
     def _send_slice(self) -> None:
         for piece in self._slice(self.grads.flat_params, self.rank):
@@ -369,7 +369,7 @@ class AsyncSGD:
         self._send_slice()
         return self._post_fetch()
 
-    def _close_fetches(self, fetch: MPI.Request | None = None) -> None:
+    def _close_fetches(self, run, fetch: MPI.Request | None = None) -> None:
         """The end of serving: the lead tells every other server it will fetch nothing more; they
         answer the lead's fetches until then (its last evaluation may come after their last gradient)."""
         if self.rank == SERVER:
@@ -377,7 +377,8 @@ class AsyncSGD:
                 self.comm.Send(np.array([CLOSE], dtype=np.int64), dest=server, tag=FETCH_TAG)
         elif self.rank < self.servers:
             while fetch is not None:
-                _wait_any([fetch])  # SYNC: blocks on the lead, serving its last gradients or evaluating
+                with run.watched("the lead server's last fetch or its word that it is done"):
+                    _wait_any([fetch])  # SYNC: blocks on the lead, serving its last gradients or evaluating
                 fetch = self._answer_fetch()
 
     # ---------------------------------------------------------------- where all ranks meet
@@ -389,7 +390,7 @@ class AsyncSGD:
             before_checkpoint()  # the lead's evaluation that waited for the pause
         checkpoint(self.version)  # SYNC: every rank (the lead's version names it)
         if stopping:
-            self._close_fetches(fetch)
+            self._close_fetches(run, fetch)
             return None
         return self.comm.bcast(run.cfg.steps - self.taken if self.rank == SERVER else None, root=SERVER)
 
