@@ -37,7 +37,7 @@ SYNC_MODES = ("sync", "async", "local", "diloco")
 MODE_OPTIONS = {"local_steps": ("local", "diloco"), "local_average_optimizer": ("local",),
                 "outer_lr": ("diloco",), "outer_momentum": ("diloco",), "outer_nesterov": ("diloco",),
                 "momentum_correction": ("sync",), "topk_adam": ("sync",), "topk_adam_warmup": ("sync",),
-                "max_staleness": ("async",), "staleness_lr": ("async",), "ps_ranks": ("async",)}
+                "max_staleness": ("async",), "staleness_lr": ("async",), "ps_ranks": ("async",), "async_pipeline": ("async",)}
 # algorithms with a reduce-scatter and an allgather half (what --zero 1 needs)
 SHARDED_ALGORITHMS = ("auto", "ring", "rhd", "shm", "hier", "mpi")
 # measured on the emulated 2-node 1 Gbit/s cluster, overlap on: see README "Overlap"
@@ -138,6 +138,9 @@ class TrainConfig:
     ps_ranks: int = opt(1, "async: parameter server ranks (0 .. K-1): each holds one contiguous slice of the flat "
                            "parameters and its optimizer state, so K servers divide the server's work and its link "
                            "traffic by K; the other ranks are workers", check=positive)
+    async_pipeline: bool = opt(False, "async: a worker computes its next gradient while the last one travels to the "
+                                      "servers and back, hiding the exchange behind compute; each gradient is then "
+                                      "computed with parameters one update older")
     max_staleness: int = opt(-1, "async: drop gradients computed with parameters more than this many server updates "
                                  "old (counted in the summary; -1: apply every gradient)",
                              check=lambda v: None if v >= -1 else "must be >= -1 (-1: no limit)")

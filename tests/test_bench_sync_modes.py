@@ -74,6 +74,8 @@ def test_token_budget_and_evaluation_cadence():
     assert [sync_modes.ranks_for(modes[m], 2) for m in ("sync", "async", "async-ps2", "diloco-100")] == [2, 3, 4, 2]
     assert modes["sync-topk"] == sync_modes.Mode("sync-topk", "sync", compress="topk")
     assert sync_modes.parse_modes("sync-sign") == [sync_modes.Mode("sync-sign", "sync", compress="sign")]
+    assert sync_modes.parse_modes("async-pipe,async-ps3-pipe") == [
+        sync_modes.Mode("async-pipe", "async", pipeline=True), sync_modes.Mode("async-ps3-pipe", "async", ps_ranks=3, pipeline=True)]
     assert [sync_modes.eval_every_for(modes[m], 50, 3) for m in ("sync", "async", "local-16", "diloco-100")] == [50, 150, 64, 100]
 
 

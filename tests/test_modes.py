@@ -80,6 +80,7 @@ def test_local_modes_resume_bit_identically(tmp_path_factory, extra):
     (["--sync", "async", "--max-staleness", "-2"], "--max-staleness -2: must be >= -1"),
     (["--sync", "async", "--compress", "bf16"], "--sync async with --compress bf16"),
     (["--ps-ranks", "2"], "--ps-ranks applies only with --sync async"),
+    (["--sync", "local", "--async-pipeline"], "--async-pipeline applies only with --sync async"),
     (["--sync", "async", "--ps-ranks", "0"], "--ps-ranks 0: must be > 0"),
     (["--slow-factor", "0.5"], "--slow-factor 0.5: must be >= 1"),
     (["--slow-rank", "-3"], "--slow-rank -3: must be >= -1"),
@@ -105,29 +106,41 @@ def test_the_mode_names_match_the_modes_package():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_async_with_one_worker_equals_sequential_sgd_on_the_same_batches(tmp_path_factory):
-    """One worker, max staleness 0: the servers apply the worker's gradients one by one, so the
-    result is single-process training on the worker's batches, bit for bit. Every rank but the last
-    serves (--ps-ranks N-1): at np 3 and more the parameters are sliced over several servers, each
-    clipping its slice by the worker's norm of the whole gradient."""
-    from mpilm import run
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_async_with_one_worker_equals_sequential_sgd_on_the_same_batches(tmp_path_factory, pipelined):
+    """One worker: the servers apply the worker's gradients one by one, so the result is
+    single-process training on the worker's batches, bit for bit: at max staleness 0, or, with
+    --async-pipeline, each gradient computed at the parameters one update old (staleness 1 after
+    the first). Every rank but the last serves (--ps-ranks N-1): at np 3 and more the parameters
+    are sliced over several servers, each clipping its slice by the worker's norm of the whole
+    gradient."""
+    from mpilm import optim, run
 
     comm = MPI.COMM_WORLD
     servers = comm.size - 1
-    root = shared_tmp(tmp_path_factory, "async1")
+    root = shared_tmp(tmp_path_factory, f"async1-{pipelined}")
     args = [*TINY, "--steps", "6", "--grad-clip", "0.05"]  # a clip that bites
-    served_args = [*args, "--sync", "async", "--max-staleness", "0", "--ps-ranks", str(servers),
-                   "--out", str(root / "async")]
+    served_args = [*args, "--sync", "async", "--ps-ranks", str(servers), "--out", str(root / "async"),
+                   *(["--async-pipeline"] if pipelined else ["--max-staleness", "0"])]
     job = run.build(config.parse(served_args))
     summary = train.run(served_args)
-    assert summary["updates"] == 6 and summary["staleness_histogram"] == {"0": 6}
+    assert summary["updates"] == 6 and summary["staleness_histogram"] == ({"0": 1, "1": 5} if pipelined else {"0": 6})
     assert summary["ps_ranks"] == servers and len(summary["server_busy_shares"]) == servers
     served = checkpoint.load(root / "async" / "model.pt")["model"]
     # the reference: this rank alone, on the worker's block and batches (every rank builds one: start-up is collective)
     ref = run.build(config.parse([*args, "--out", str(root / "ref")]), MPI.COMM_SELF, corpus=job.corpus)
     ref.data_rank = servers
-    for _ in range(6):
-        ref.step()
+    flats = list(ref.grads.flat_params.values())
+    held = [f.clone() for f in flats]  # what a pipelined worker computes with: the parameters one update old
+    for t in range(6):
+        current = [f.clone() for f in flats]
+        for flat, old in zip(flats, held if pipelined else current):
+            flat.copy_(old)
+        ref.compute_gradients(t)
+        for flat, keep in zip(flats, current):
+            flat.copy_(keep)
+        ref.apply_gradients(optim.lr_at(t, ref.cfg.lr, ref.cfg.steps, ref.cfg.warmup_steps, ref.cfg.min_lr_ratio))
+        held = current
     if comm.rank == servers:  # the worker's corpus block is its own
         for name, p in ref.model.state_dict().items():
             assert torch.equal(p, served[name]), name
@@ -226,16 +239,18 @@ def test_async_staleness_bound_drops_exactly_the_staler_gradients(tmp_path_facto
     assert per_worker.get(2, 0) > per_worker.get(1, 0)
 
 
-def test_two_servers_evaluate_checkpoint_relay_a_servers_signal_and_resume(tmp_path):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_two_servers_evaluate_checkpoint_relay_a_servers_signal_and_resume(tmp_path, pipelined):
     """--ps-ranks 2 at np 4 (two servers, two workers): evaluations fetch the other server's slice
     (one of them waits for a checkpoint's pause); SIGTERM to the second server reaches the lead
     through a worker, every rank checkpoints and exits 75; --resume auto finishes the budget; a
     resume with another --ps-ranks is refused (each server's optimizer state is its own slice's).
+    Pipelined, a worker drains the gradient still in flight before it pauses or stops.
     The fetches and the relay are timing-dependent: this run shows they end and agree, not their order."""
     from conftest import run_cli
 
     args = [*TINY, "--sync", "async", "--ps-ranks", "2", "--steps", "16", "--ckpt-every", "4", "--eval-every", "2",
-            "--out", str(tmp_path)]
+            "--out", str(tmp_path), *(["--async-pipeline"] if pipelined else [])]
     first = run_cli(["-c", signal_at_step_3(args, rank=1, signal_name="SIGTERM", where="server")], np=4, timeout=180)
     assert first.returncode == 75, first.stderr[-2000:]
     assert "pre-empted by a signal" in first.stderr and checkpoint.complete_checkpoints(tmp_path / "ckpt")
@@ -246,7 +261,10 @@ def test_two_servers_evaluate_checkpoint_relay_a_servers_signal_and_resume(tmp_p
     assert math.isfinite(summary["final_train_loss"])  # every server keeps the losses it saw
     assert sum(summary["gradients_per_worker"].values()) == 16 and set(summary["gradients_per_worker"]) <= {"2", "3"}
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "val_loss" in r] == list(range(2, 17, 2))
+    # every record in order; an evaluation due while a pause gathers is taken at the pause, at its version
+    assert set(range(2, 17, 2)) <= {r["step"] for r in logged}
+    evaluated = [r["step"] for r in logged if "val_loss" in r]
+    assert evaluated == sorted(set(evaluated)) and evaluated[0] == 2 and evaluated[-1] == 16
     other = run_cli(["-m", "mpilm.train", *args, "--ps-ranks", "1", "--resume", "auto"], np=4, timeout=180)
     assert other.returncode == 2 and "--ps-ranks 2 (this run: 1)" in other.stderr, other.stderr[-2000:]
 

@@ -15,6 +15,8 @@ the other at each ``--link`` rate, and tabulates them against the ``sync`` row o
   send them, and its ``--warmup-steps`` and ``--eval-every`` are N times the sync rows', so the
   learning-rate schedule and the evaluations fall on the same token counts; ``async-psK``: the
   same with ``--ps-ranks K``, K servers (ranks 0..K-1) each holding a slice, on N + K ranks;
+  ``async-pipe`` / ``async-psK-pipe``: with ``--async-pipeline`` (each worker computes its next
+  gradient while the last one travels);
 - ``local-H``: ``--sync local --local-steps H``; ``diloco-H``: ``--sync diloco --local-steps H``
   (with the bench's ``--outer-lr`` / ``--outer-momentum``). ``--steps`` must be a multiple of H, so
   every run ends on an exchange.
@@ -149,6 +151,7 @@ class Mode:
     local_steps: int | None = None
     compress: str = "none"
     ps_ranks: int = 1  # async: parameter server ranks (``async-psK``)
+    pipeline: bool = False  # async: --async-pipeline (``async-pipe``, ``async-psK-pipe``)
 
 
 def parse_modes(text: str) -> list[Mode]:
@@ -157,21 +160,22 @@ def parse_modes(text: str) -> list[Mode]:
     for name in (m.strip() for m in text.split(",")):
         if not name:
             continue
-        if name in ("sync", "async"):
+        if name == "sync":
             modes.append(Mode(name, name))
         elif name in ("sync-topk", "sync-sign"):
             modes.append(Mode(name, "sync", compress=name.removeprefix("sync-")))
-        elif m := re.fullmatch(r"async-ps(\d+)", name):
-            if int(m.group(1)) < 1:
+        elif m := re.fullmatch(r"async(?:-ps(\d+))?(-pipe)?", name):
+            if m.group(1) is not None and int(m.group(1)) < 1:
                 raise UsageError(f"--modes {name}: K must be >= 1")
-            modes.append(Mode(name, "async", ps_ranks=int(m.group(1))))
+            modes.append(Mode(name, "async", ps_ranks=int(m.group(1) or 1), pipeline=m.group(2) is not None))
         elif m := re.fullmatch(r"(local|diloco)-(\d+)", name):
             if int(m.group(2)) < 1:
                 raise UsageError(f"--modes {name}: H must be >= 1")
             modes.append(Mode(name, m.group(1), local_steps=int(m.group(2))))
         else:
-            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, sync-sign, async, async-psK, local-H or "
-                             "diloco-H (K parameter servers, H steps between exchanges, e.g. diloco-50)")
+            raise UsageError(f"--modes {name}: unknown; use sync, sync-topk, sync-sign, async, async-psK, async-pipe, "
+                             "async-psK-pipe, local-H or diloco-H (K parameter servers, H steps between exchanges, "
+                             "e.g. diloco-50)")
     if not modes:
         raise UsageError("--modes: empty list; name at least one row, e.g. sync,diloco-50")
     if len({m.name for m in modes}) != len(modes):
@@ -217,7 +221,8 @@ def mode_args(mode: Mode, args, n: int, shared: config.TrainConfig) -> list[str]
                 "--warmup-steps", str(shared.warmup_steps * n)]  # the same tokens of warm-up as sync's
         out += [*(["--max-staleness", str(args.max_staleness)] if args.max_staleness is not None else []),
                 *(["--staleness-lr"] if args.staleness_lr else []),
-                *(["--ps-ranks", str(mode.ps_ranks)] if mode.ps_ranks > 1 else [])]
+                *(["--ps-ranks", str(mode.ps_ranks)] if mode.ps_ranks > 1 else []),
+                *(["--async-pipeline"] if mode.pipeline else [])]
     if args.slow_rank >= 0:  # the same computing rank: async's workers are ranks K..K+N-1
         slowed = args.slow_rank + mode.ps_ranks if mode.sync == "async" else args.slow_rank
         out += ["--slow-rank", str(slowed), "--slow-factor", f"{args.slow_factor:g}"]

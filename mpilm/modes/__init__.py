@@ -35,5 +35,5 @@ def make(cfg, grads, comm, optimizer, compressor):
         return DiLoCo(grads, comm, cfg.allreduce, cfg.local_steps, cfg.outer_lr, cfg.outer_momentum,
                       cfg.outer_nesterov, compressor)
     if cfg.sync == "async":
-        return AsyncSGD(grads, comm, cfg.max_staleness, cfg.staleness_lr, cfg.ps_ranks)
+        return AsyncSGD(grads, comm, cfg.max_staleness, cfg.staleness_lr, cfg.ps_ranks, cfg.async_pipeline)
     return None

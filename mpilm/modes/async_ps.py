@@ -45,9 +45,13 @@ lock on one node (MPICH 5, shared memory), and 148 vs 149 ms across a 1 Gbit/s e
 RMA would still need a flag the server polls to learn that a gradient arrived, which testing the
 posted receives gives for free.
 
-Does not: overlap a worker's exchange with its next backward; bound a worker's lead over the
-others (the staleness rule does); pause once the budget is fully granted: a checkpoint or a signal
-due then lets the run end.
+With ``pipeline`` (``--async-pipeline``) a worker computes its next gradient while the last one
+travels: the gradient goes out from a copy and the fresh parameters land in a buffer of their own,
+copied into the model after that compute, so the exchange hides behind compute and every
+gradient is one server update staler; the lead then grants each worker two gradients ahead.
+
+Does not: bound a worker's lead over the others (the staleness rule does); pause once the budget
+is fully granted: a checkpoint or a signal due then lets the run end.
 
 Limits: needs K + 1 ranks or more. The order in which gradients arrive is not deterministic with 2+
 workers, so only a one-worker run is bit-reproducible (and resumes bit-exactly); with K servers a
@@ -88,11 +92,16 @@ def server_slices(grads, servers: int, rank: int) -> list[tuple[torch.dtype, int
 class AsyncSGD:
     name = "async"
 
-    def __init__(self, grads, comm: MPI.Comm, max_staleness: int, staleness_lr: bool, servers: int = 1):
+    def __init__(self, grads, comm: MPI.Comm, max_staleness: int, staleness_lr: bool, servers: int = 1,
+                 pipeline: bool = False):
         self.grads, self.comm = grads, comm
         self.max_staleness, self.staleness_lr = max_staleness, staleness_lr
-        self.servers, self.rank = servers, comm.Get_rank()
+        self.servers, self.rank, self.pipeline = servers, comm.Get_rank(), pipeline
         self.workers = list(range(servers, comm.Get_size()))
+        if pipeline and self.rank >= servers:  # a worker's gradient in flight and parameters arriving,
+            # apart from the buffers the next forward and backward use
+            self._outbox = {d: torch.empty_like(f) for d, f in grads.flat.items()}
+            self._landing = {d: torch.empty_like(f) for d, f in grads.flat_params.items()}
         self.version = 0  # a server: updates applied to its slice; a worker: the lead's, as last heard
         self.held = [0] * servers  # a worker: the version of each server's slice it holds
         self.dropped = 0
@@ -106,8 +115,9 @@ class AsyncSGD:
         serving = (f"rank {SERVER} is the parameter server" if self.servers == 1 else
                    f"ranks 0-{self.servers - 1} are parameter servers, each holding 1/{self.servers} of the parameters "
                    f"and their optimizer state")
+        pipelined = ", each computing its next gradient while the last one travels" if self.pipeline else ""
         return (f"async SGD: {serving}, {len(self.workers)} worker(s) push gradients and pull parameters without "
-                f"waiting for each other ({rule}{', lr / staleness' if self.staleness_lr else ''})")
+                f"waiting for each other{pipelined} ({rule}{', lr / staleness' if self.staleness_lr else ''})")
 
     def after_step(self, step: int, timer) -> None:  # the Run's own step loop is not used in this mode
         raise RuntimeError("--sync async runs AsyncSGD.train, not Run.step")
@@ -116,9 +126,13 @@ class AsyncSGD:
         """``server``'s slice of each flat buffer in ``flats`` (views: received into in place)."""
         return [flat[slice(*shard_bounds(flat.numel(), self.servers, server))] for flat in flats.values()]
 
-    def _granted(self, left: int) -> list[int]:
-        """The workers granted a gradient when ``left`` of the budget is left: the first ``left`` ones."""
-        return self.workers[:max(0, left)]
+    def _grants(self, left: int) -> dict[int, int]:
+        """Worker rank -> gradients granted when ``left`` of the budget is left: one each (two
+        pipelined: the one in flight and the one computing), dealt in turn while the budget lasts."""
+        depth = 2 if self.pipeline else 1
+        slots = min(max(0, left), depth * len(self.workers))
+        counts = {w: len(range(j, slots, len(self.workers))) for j, w in enumerate(self.workers)}
+        return {w: n for w, n in counts.items() if n}
 
     # ---------------------------------------------------------------- the loop
     def train(self, run, *, checkpoint_every: int, checkpoint, signalled, log=None, evaluate_every: int = 0,
@@ -149,51 +163,95 @@ class AsyncSGD:
         return sum(self.staleness.values())
 
     def _work(self, run, left: int, checkpoint, signalled) -> str:
-        timer, comm = run.timer, self.comm
-        headers = np.zeros((self.servers, HEADER_FIELDS))
-        answers = np.zeros((self.servers, 3), dtype=np.int64)  # per server: its version, the lead's command, a signal
-        relayed = False  # another server reported a signal: pass it to the lead
-        granted = self.rank in self._granted(left)
-        while granted:  # until the lead answers STOP (the budget is granted) or a pause that ends the run
-            step = run.step_index
-            timer.begin_step(step)
-            loss = run.compute_gradients(step)
-            with timer.phase("optimizer"):  # measured here, where the whole gradient is; each server clips by it
-                norm = optim.clip_(list(self.grads.flat.values()), 0.0)
-            signal = 1.0 if signalled() or relayed else 0.0
-            loss_f, norm_f = float(loss), float(norm)  # one device sync on CUDA
-            for server in range(self.servers):
-                headers[server] = (GRADIENT, self.held[server], signal, loss_f, norm_f)
-            t0 = time.perf_counter()
-            with timer.phase("comm"), run.watched(f"the parameter servers' answers to gradient {step}"):
-                exchange = _Exchange(comm)
-                for server in range(self.servers):  # every server at once: each link carries its slice
-                    exchange.send(headers[server], server, HEADER_TAG)
-                    for piece in self._slice(self.grads.flat, server):
-                        exchange.send(piece, server, GRADIENT_TAG)
-                    exchange.receive(answers[server], server, ANSWER_TAG)
-                    for piece in self._slice(self.grads.flat_params, server):
-                        exchange.receive(piece, server, PARAMETER_TAG)  # the fresh slice, into the model's buffer
-                exchange.wait()  # SYNC: blocks on every server's answer (servers only, never another worker)
-            timer.add("comm_total", time.perf_counter() - t0)
+        """A worker: compute, send, take the answer; with ``pipeline`` the next gradient is computed
+        while the last one travels (its answer is taken after that compute)."""
+        timer = run.timer
+        grants = self._grants(left).get(self.rank, 0)  # gradients this worker may compute
+        pending = None  # the exchange in flight: (exchange, answers, t posted)
+        command, relayed = CONTINUE, False  # the lead's last word; another server's signal to pass on
+        while grants or pending is not None:
+            timer.begin_step(run.step_index)
+            outgoing = None
+            if grants:
+                grants -= 1
+                outgoing = self._compute(run, signalled() or relayed)
+            if pending is not None:  # pipelined: the last gradient's answer, after this one's compute
+                command, relayed = self._settle(run, *pending)
+                grants += command == CONTINUE
+                pending = None
+            if outgoing is not None:
+                pending = self._send_gradient(run, outgoing)
+                if not self.pipeline:
+                    command, relayed = self._settle(run, *pending)
+                    grants += command == CONTINUE
+                    pending = None
             timer.end_step()
-            run.losses.append(loss)
-            run.step_index += 1
-            self.held = [int(v) for v in answers[:, 0]]
-            self.version, command = self.held[SERVER], int(answers[SERVER, 1])
-            relayed = bool(answers[1:, 2].any())
-            if command == CONTINUE:
+            if pending is not None or command == CONTINUE:
                 continue
-            for server in range(1, self.servers):  # they re-posted a receive for this worker's next header
-                headers[server, 0] = command
-                comm.Send(headers[server], dest=server, tag=HEADER_TAG)  # small: does not wait for the server
+            # nothing in flight and the lead said PAUSE or STOP: the other servers re-posted a
+            # receive for this worker's next header; they get the lead's word instead
+            for server in range(1, self.servers):
+                word = np.zeros(HEADER_FIELDS)
+                word[0] = command
+                self.comm.Send(word, dest=server, tag=HEADER_TAG)  # small: does not wait for the server
             if command == STOP:
                 break
             left = self._pause(run, checkpoint, stopping=command == PAUSE_AND_STOP)
             if left is None:
                 return "preempted"
-            granted = self.rank in self._granted(left)
+            grants, command = self._grants(left).get(self.rank, 0), CONTINUE
         return "done"
+
+    def _compute(self, run, signal: bool) -> tuple:
+        """A worker: one gradient with the parameters it holds; returns its step and its headers,
+        one per server."""
+        step = run.step_index
+        loss = run.compute_gradients(step)
+        with run.timer.phase("optimizer"):  # measured here, where the whole gradient is; each server clips by it
+            norm = optim.clip_(list(self.grads.flat.values()), 0.0)
+        loss_f, norm_f = float(loss), float(norm)  # one device sync on CUDA
+        headers = np.array([(GRADIENT, self.held[server], float(signal), loss_f, norm_f)
+                            for server in range(self.servers)])
+        run.losses.append(loss)
+        run.step_index += 1
+        return step, headers
+
+    def _send_gradient(self, run, outgoing: tuple) -> tuple:
+        """A worker: send every server its header and slice, post the receives of its answer and its
+        fresh slice. Pipelined, the gradient goes out from a copy (the next backward overwrites the
+        buffer) and the slices land apart (the next compute reads the model's); the exchange before
+        is settled by now, so nothing of it still reads or writes those copies."""
+        step, headers = outgoing
+        if self.pipeline:
+            with run.timer.phase("optimizer"):
+                for dtype, flat in self.grads.flat.items():
+                    self._outbox[dtype].copy_(flat)
+        gradient = self._outbox if self.pipeline else self.grads.flat
+        landing = self._landing if self.pipeline else self.grads.flat_params
+        answers = np.zeros((self.servers, 3), dtype=np.int64)  # per server: its version, the lead's command, a signal
+        exchange = _Exchange(self.comm)
+        for server in range(self.servers):  # every server at once: each link carries its slice
+            exchange.send(headers[server], server, HEADER_TAG)
+            for piece in self._slice(gradient, server):
+                exchange.send(piece, server, GRADIENT_TAG)
+            exchange.receive(answers[server], server, ANSWER_TAG)
+            for piece in self._slice(landing, server):
+                exchange.receive(piece, server, PARAMETER_TAG)
+        return step, exchange, answers, time.perf_counter()
+
+    def _settle(self, run, step: int, exchange, answers: np.ndarray, t_posted: float) -> tuple[int, bool]:
+        """A worker: wait for gradient ``step``'s answers and take in the fresh parameters; returns
+        the lead's command and whether another server reported a signal."""
+        with run.timer.phase("comm"), run.watched(f"the parameter servers' answers to gradient {step}"):
+            exchange.wait()  # SYNC: blocks on every server's answer (servers only, never another worker)
+        run.timer.add("comm_total", time.perf_counter() - t_posted)
+        if self.pipeline:
+            with run.timer.phase("optimizer"):
+                for dtype, flat in self.grads.flat_params.items():
+                    flat.copy_(self._landing[dtype])
+        self.held = [int(v) for v in answers[:, 0]]
+        self.version = self.held[SERVER]
+        return int(answers[SERVER, 1]), bool(answers[1:, 2].any())
 
     def _take(self, run, worker: int, header: np.ndarray) -> int:
         """Server: receive ``worker``'s gradient for this server's slice and apply it (or drop it);
@@ -234,11 +292,20 @@ class AsyncSGD:
         cfg, timer = run.cfg, run.timer
         budget = cfg.steps
         headers = {w: np.zeros(HEADER_FIELDS) for w in self.workers}
-        receives = self._post(headers, self._granted(left))
-        granted = self.taken + len(receives)  # gradients promised: taken, or being computed
+        outstanding = self._grants(left)  # worker -> gradients granted to it and not yet taken
+        receives = self._post(headers, outstanding)
+        granted = self.taken + sum(outstanding.values())  # gradients promised: taken, or being computed
         pausing, paused, stopping = False, set(), False
         window_losses, window_staleness, t_window = [], [], time.perf_counter()
-        pending = None  # a log record whose evaluation waits for the pause
+        held_back, evaluation_due = [], False  # log records, and an evaluation, waiting for the pause
+
+        def make_record() -> dict:  # the updates since the last record
+            nonlocal window_losses, window_staleness, t_window
+            record = {"step": self.version, "loss": float(np.mean(window_losses)),
+                      "staleness_mean": float(np.mean(window_staleness)), "dropped": self.dropped,
+                      "updates_per_s": len(window_losses) / max(1e-9, time.perf_counter() - t_window)}
+            window_losses, window_staleness, t_window = [], [], time.perf_counter()
+            return record
         next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
         while receives:
             timer.begin_step(self.version)
@@ -247,6 +314,7 @@ class AsyncSGD:
             with timer.phase("comm"), run.watched(f"a gradient from any of workers {world.compact_cores(order)}"):
                 worker = order[_wait_any([receives[w] for w in order])]  # SYNC: blocks on whichever worker is first
             del receives[worker]
+            outstanding[worker] -= 1
             t_busy = time.perf_counter()
             self.idle_s += t_busy - t0
             version_before = self.version
@@ -263,40 +331,46 @@ class AsyncSGD:
                 pausing = True
             if pausing:
                 command = PAUSE_AND_STOP if stopping else PAUSE
-                paused.add(worker)
             elif room:
                 command, granted = CONTINUE, granted + 1
+                outstanding[worker] += 1
             else:
                 command = STOP
             with timer.phase("comm"):
                 self._answer(worker, command, False)
-            if command == CONTINUE:
+            if outstanding[worker]:  # its next gradient is granted (pipelined: maybe on its way already)
                 receives.update(self._post(headers, [worker]))
+            elif pausing:
+                paused.add(worker)  # nothing of it in flight: it waits for the pause
             self.busy_s += time.perf_counter() - t_busy
             timer.end_step()
             if log is not None and window_losses and (self.version % log_every == 0 or not receives and not paused):
-                record = {"step": self.version, "loss": float(np.mean(window_losses)),
-                          "staleness_mean": float(np.mean(window_staleness)), "dropped": self.dropped,
-                          "updates_per_s": len(window_losses) / max(1e-9, time.perf_counter() - t_window)}
-                if evaluate_every and self.version % evaluate_every == 0 and pausing:
-                    pending = record  # the other servers may be in the pause already: evaluate there
+                record = make_record()
+                due = evaluate_every and self.version % evaluate_every == 0
+                if pausing and self.servers > 1:  # the other servers may be in the pause already: its
+                    held_back.append(record)       # assembled slices serve the evaluation, and the log waits
+                    evaluation_due = evaluation_due or due
                 else:
-                    if evaluate_every and self.version % evaluate_every == 0:
+                    if due:
                         self._fetch_slices(run)
                         record["val_loss"] = run.evaluate(alone=True)
                     log(record)
-                window_losses, window_staleness, t_window = [], [], time.perf_counter()
             if paused and not receives:
-                def log_pending():
-                    pending["val_loss"] = run.evaluate(alone=True)  # every slice is here: the pause assembled them
-                    log(pending)
+                def log_held_back():  # at the pause, every slice at hand
+                    if evaluation_due:
+                        if window_losses:
+                            held_back.append(make_record())
+                        held_back[-1]["val_loss"] = run.evaluate(alone=True)  # the model at this version
+                    for record in held_back:
+                        log(record)
 
-                left = self._pause(run, checkpoint, stopping, before_checkpoint=log_pending if pending else None)
+                left = self._pause(run, checkpoint, stopping, before_checkpoint=log_held_back if held_back else None)
                 if left is None:
                     return "preempted"
-                receives = self._post(headers, self._granted(left))
-                granted = self.taken + len(receives)
-                paused, pausing, pending = set(), False, None
+                outstanding = self._grants(left)
+                receives = self._post(headers, outstanding)
+                granted = self.taken + sum(outstanding.values())
+                paused, pausing, held_back, evaluation_due = set(), False, [], False
                 next_checkpoint = (self.version // checkpoint_every + 1) * checkpoint_every
         self._close_fetches(run)
         return "done"
@@ -305,7 +379,7 @@ class AsyncSGD:
         """Another server: take gradients for its slice until every worker has passed on the lead's STOP."""
         timer = run.timer
         headers = {w: np.zeros(HEADER_FIELDS) for w in self.workers}
-        receives = self._post(headers, self._granted(left))
+        receives = self._post(headers, self._grants(left))
         fetch = self._post_fetch()
         paused, stopping = set(), False
         while receives:
@@ -338,7 +412,7 @@ class AsyncSGD:
                 left = self._pause(run, checkpoint, stopping, fetch=fetch)
                 if left is None:
                     return "preempted"
-                receives = self._post(headers, self._granted(left))
+                receives = self._post(headers, self._grants(left))
                 paused = set()
         self._close_fetches(run, fetch)
         return "done"
@@ -464,6 +538,7 @@ class _Exchange:
             self.requests.append(self.comm.Isend(world.buf(staged), dest=dest, tag=tag))
             world.traffic.add(sent=data.nbytes)
         else:
+            self.kept.append(data)
             self.requests.append(self.comm.Isend(data, dest=dest, tag=tag))
 
     def receive(self, data, source: int, tag: int) -> None:
@@ -474,6 +549,7 @@ class _Exchange:
             self.requests.append(self.comm.Irecv(world.buf(staged), source=source, tag=tag))
             world.traffic.add(received=data.nbytes)
         else:
+            self.kept.append(data)
             self.requests.append(self.comm.Irecv(data, source=source, tag=tag))
 
     def wait(self) -> None:
