@@ -97,7 +97,10 @@ def test_a_stopped_node_ends_the_job_through_the_watchdog_and_resumes(tmp_path, 
         # node1: the rank there stops; rank 0's watchdog must end the job (node0 would stop the launcher too)
         done = cli("-m", "mpilm.bench", "chaos", "--cluster", "--faults", "1", "--kinds", "stop-node",
                    "--fault-nodes", "node1", "--steps", "20", "--ckpt-every", "4", "--comm-timeout", "3",
-                   "--timeout", "60", "--json", str(out), "--", *TINY, *corpus, timeout=150)
+                   "--timeout", "60", "--json", str(out), "--", *TINY, *corpus,
+                   # rank 0 paced (~20x its compute) so the fault lands mid-run, not after the last step,
+                   # which at toy size comes within the bench's reaction time (CI saw it land there)
+                   "--slow-rank", "0", "--slow-factor", "20", timeout=150)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         doc = json.loads(out.read_text())
         check_result(doc, 1, 13)
