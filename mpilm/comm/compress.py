@@ -118,6 +118,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -339,6 +340,7 @@ class _ErrorFedCompressor(Compressor):
     local_clip = 0.0
     _STATE: type
     _STATE_TENSORS: tuple[str, ...]
+    _new_state_tensors: Callable[[], dict[str, bool]]  # which of _STATE_TENSORS a new bucket needs
 
     def state_dict(self) -> dict:
         """Per bucket: the tensors this rank holds (residual, moments); they differ per rank."""
@@ -368,9 +370,6 @@ class _ErrorFedCompressor(Compressor):
         elif state.numel != bucket.numel():
             raise ValueError(f"{self.name}: bucket {key} changed size from {state.numel} to {bucket.numel()} elements")
         return state
-
-    def _new_state_tensors(self) -> dict[str, bool]:
-        raise NotImplementedError
 
     def _buffer(self, state, name: str, numel: int, dtype=torch.int32, device="cpu") -> torch.Tensor:
         """A per-bucket scratch buffer grown to the largest size asked for (k shrinks in warm-up)."""

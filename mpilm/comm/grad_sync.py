@@ -355,10 +355,7 @@ def broadcast_(tensors, comm: MPI.Comm, root: int = 0) -> None:
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.detach().reshape(-1) for t in group]).contiguous()
         if comm.Get_size() > 1:
-            staged = flat.cpu() if flat.is_cuda and not world.cuda_aware() else flat
-            comm.Bcast(world.buf(staged), root=root)
-            if staged is not flat:
-                flat.copy_(staged)
+            world.bcast_(flat, comm, root)
         offset = 0
         with torch.no_grad():
             for t in group:

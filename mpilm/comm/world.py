@@ -98,6 +98,15 @@ def buf(t: torch.Tensor) -> list:
     return [memory, t.numel(), datatype]
 
 
+def bcast_(t: torch.Tensor, comm: MPI.Comm, root: int) -> None:
+    """Make contiguous ``t`` equal to ``root``'s, in place (through host memory when MPI cannot read
+    device memory). SYNC: blocks until ``root`` sends."""
+    staged = t.cpu() if t.is_cuda and not cuda_aware() else t
+    comm.Bcast(buf(staged), root=root)
+    if staged is not t:
+        t.copy_(staged)
+
+
 class Traffic:
     """Bytes this rank moved through mpilm's collectives; safe to update from several threads.
 

@@ -473,10 +473,7 @@ class AsyncSGD:
         versions = self.comm.allgather(self.version)[:self.servers]  # small, at pauses and the end only
         for server in range(self.servers):
             for piece in self._slice(self.grads.flat_params, server):
-                staged = piece.cpu() if piece.is_cuda and not world.cuda_aware() else piece
-                self.comm.Bcast(world.buf(staged), root=server)
-                if staged is not piece:
-                    piece.copy_(staged)
+                world.bcast_(piece, self.comm, root=server)
         if self.rank >= self.servers:
             self.held, self.version = versions, versions[SERVER]
 
